@@ -1,0 +1,40 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   - create .venv, install medfed, run the quick-start federated run on built-in data
+#   make test   - same set-up plus the test extra, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is pinned here (not in pyproject) so the wheels already on disk are taken instead of a
+# multi-GB download; override with `make TORCH_SPEC="torch torchvision" ...` elsewhere.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+OUT ?= runs/quickstart
+
+.PHONY: demo test venv lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_SPEC)
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/medfed run configs/quickstart.yaml --out $(OUT)
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: venv
+	$(PIP) install --quiet ruff mypy
+	$(VENV)/bin/ruff check medfed tests benchmarks
+	$(VENV)/bin/ruff format --check medfed tests benchmarks
+	$(VENV)/bin/mypy medfed
+
+bench: venv
+	$(PY) benchmarks/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

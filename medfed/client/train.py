@@ -1,0 +1,172 @@
+"""The one local training / evaluation loop every paradigm and algorithm goes through.
+
+Algorithms change local training only through two narrow hooks, so there is exactly one loop to
+make fast: ``loss_term`` (added to each batch loss, e.g. FedProx's proximal term) and ``grad_hook``
+(called after backward and before the optimizer step, e.g. SCAFFOLD's drift correction).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from medfed.data.site import ArrayDataset
+
+LossTerm = Callable[[nn.Module], torch.Tensor]
+GradHook = Callable[[nn.Module], None]
+
+# Fixed intensity normalisation: every site must map pixels identically, and no site's statistics
+# may leak into another's preprocessing.
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.25
+
+
+class TrainOptions(BaseModel):
+    """Local training options; the same for every site in a run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per local round")
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    augment: bool = True
+    amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
+    channels_last: bool = Field(True, description="on CUDA only")
+    eval_batch_size: int = Field(256, ge=1)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    num_examples: int
+    num_steps: int
+    seconds: float
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float on ``device``."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
+
+
+def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
+        )
+    if opts.optimizer == "adam":
+        return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+
+
+def batches(
+    n: int, batch_size: int, *, generator: torch.Generator | None, shuffle: bool
+) -> Iterator[torch.Tensor]:
+    """Index batches; a trailing batch of one is dropped when shuffling (BatchNorm can't train on it)."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if shuffle and len(idx) < 2 and n > 1:
+            continue
+        yield idx
+
+
+def _autocast(device: torch.device, enabled: bool):  # type: ignore[no-untyped-def]
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_local(
+    model: nn.Module,
+    data: ArrayDataset,
+    opts: TrainOptions,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    loss_term: LossTerm | None = None,
+    grad_hook: GradHook | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``data``; all randomness comes from ``generator``."""
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    start = time.perf_counter()
+    model.train()
+    if device.type == "cuda" and opts.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, opts)
+    images, labels = data.images.to(device), data.labels.to(device)
+    total_loss = torch.zeros((), device=device)
+    seen = steps = 0
+    done = False
+    for _ in range(opts.epochs):
+        for idx in batches(len(data), opts.batch_size, generator=generator, shuffle=True):
+            idx_d = idx.to(device)
+            x = to_input(images[idx_d], device)
+            y = labels[idx_d]
+            if opts.augment:
+                flip = torch.rand(len(idx), generator=generator) < 0.5
+                x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+            if device.type == "cuda" and opts.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, opts.amp):
+                loss = F.cross_entropy(model(x), y)
+            if loss_term is not None:
+                loss = loss + loss_term(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_hook is not None:
+                grad_hook(model)
+            optimizer.step()
+            total_loss += loss.detach() * len(idx)
+            seen += len(idx)
+            steps += 1
+            if opts.max_steps is not None and steps >= opts.max_steps:
+                done = True
+                break
+        if done:
+            break
+    mean_loss = float(total_loss.item()) / max(seen, 1)
+    return TrainResult(mean_loss, seen, steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    amp: bool = True,
+) -> np.ndarray:
+    """Softmax probabilities (N, num_classes) in eval mode."""
+    model.eval()
+    out = []
+    for idx in batches(len(data), batch_size, generator=None, shuffle=False):
+        x = to_input(data.images[idx], device)
+        with _autocast(device, amp):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    if not out:
+        return np.zeros((0, 2), dtype=np.float64)
+    return torch.cat(out).double().numpy()

@@ -1,0 +1,136 @@
+"""Sites and federations.
+
+Images are kept as uint8 tensors (N, C, H, W): compact, exact, and converted to float per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medfed.data.split import stratified_split
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    masks: torch.Tensor | None = None  # uint8 (N, H, W), segmentation ground truth
+    case_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise ValueError(
+                f"{self.images.shape[0]} images but {self.labels.shape[0]} labels"
+            )
+        if self.case_ids and len(self.case_ids) != len(self.labels):
+            raise ValueError("case_ids must have one entry per image")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: np.ndarray | Sequence[int]) -> ArrayDataset:
+        index = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return ArrayDataset(
+            images=self.images[index],
+            labels=self.labels[index],
+            masks=None if self.masks is None else self.masks[index],
+            case_ids=tuple(self.case_ids[i] for i in index.tolist()) if self.case_ids else (),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[ArrayDataset]) -> ArrayDataset:
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        masks = [p.masks for p in parts]
+        return ArrayDataset(
+            images=torch.cat([p.images for p in parts]),
+            labels=torch.cat([p.labels for p in parts]),
+            masks=None if any(m is None for m in masks) else torch.cat(masks),  # type: ignore[misc]
+            case_ids=tuple(c for p in parts for c in p.case_ids)
+            if all(p.case_ids for p in parts)
+            else (),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max().item()) + 1 if len(self) else 0
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=2).tolist()
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset | None = None
+    meta: dict[str, object] = field(default_factory=dict)
+
+    @staticmethod
+    def from_dataset(
+        name: str,
+        data: ArrayDataset,
+        *,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        meta: dict[str, object] | None = None,
+    ) -> Site:
+        train_idx, val_idx = stratified_split(
+            data.labels.numpy(), val_fraction=val_fraction, seed=seed
+        )
+        return Site(name, data.subset(train_idx), data.subset(val_idx), meta=dict(meta or {}))
+
+
+@dataclass(frozen=True)
+class Federation:
+    sites: tuple[Site, ...]
+    external: Site | None = None
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"site names must be unique, got {names}")
+        if not self.sites:
+            raise ValueError("a federation needs at least one site")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site {name!r}; sites: {', '.join(self.names)}")
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites)
+
+    def pooled_train(self) -> ArrayDataset:
+        return ArrayDataset.concat([s.train for s in self.sites])
+
+    def pooled_val(self) -> ArrayDataset:
+        return ArrayDataset.concat([s.val for s in self.sites])
+
+    def pooled(self, name: str = "pooled") -> Site:
+        """One site holding everyone's data: the centralized baseline."""
+        return Site(name, self.pooled_train(), self.pooled_val())
+
+    @property
+    def in_chans(self) -> int:
+        return self.sites[0].train.in_chans
+
+    @property
+    def num_classes(self) -> int:
+        return max(max(s.train.num_classes, s.val.num_classes) for s in self.sites)

@@ -2,6 +2,24 @@
 
 One module per algorithm holds both halves. The engine owns the round loop, the runtime carries
 tasks and updates, and the algorithm never knows which runtime it runs on.
+
+Life cycle, as the engine drives it::
+
+    algo = create_strategy(name, options)          # validated options, nothing else
+    state = algo.init(global_params, context=ctx)   # derives structure (BN keys, N) from the model
+    for each round:
+        task = LocalTask(site, r, global_params, payload=algo.payload(state), client_state=kept)
+        result = algo.local_update(model, task, data, opts, generator=g, device=d)   # at the site
+        ... engine validates result.update against algo.uploaded_keys() ...
+        global_params, state = algo.aggregate(global_params, updates, state, round_idx=r)
+
+Configuration derived in ``init`` (FedBN's key set, SCAFFOLD's N) lives on the instance, so on
+resume the engine calls ``init`` again and then swaps in the checkpointed ``StrategyState``;
+everything that changes from round to round is in ``StrategyState`` (tensors in ``buffers``,
+numbers in ``scalars``) so it checkpoints as safetensors + JSON.
+
+The client half never relies on ``init``: at a site (possibly another process, under Flower) it
+derives what it needs from the ``model`` it is handed.
 """
 
 from __future__ import annotations
@@ -12,10 +30,25 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from medfed.client.train import TrainOptions, TrainResult, train_local
 from medfed.data.site import ArrayDataset
 from medfed.types import Buffers, ClientState, Params, ParamKind, StrategyState, Update
+
+
+@dataclass(frozen=True)
+class FederationContext:
+    """What the server half may know about the federation: structure, never data."""
+
+    model: nn.Module  # architecture (and initial weights); never trained on data here
+    sites: tuple[str, ...]  # all site names in the federation, participating this round or not
+
+    def __post_init__(self) -> None:
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"site names must be unique, got {self.sites}")
+        if not self.sites:
+            raise ValueError("a federation needs at least one site")
 
 
 @dataclass(frozen=True)
@@ -37,9 +70,16 @@ class LocalResult:
 
 class Algorithm(Protocol):
     name: str
+    preserves_consensus: bool
+    """True when identical updates W always aggregate to W (an averaging rule). False for rules
+    that take an optimizer step (FedOpt) or scale the step (SCAFFOLD with server_lr != 1)."""
 
     # --- server half (pure: no I/O, no loops over rounds) ---
-    def init(self, global_params: Params) -> StrategyState: ...
+    def init(self, global_params: Params, *, context: FederationContext) -> StrategyState: ...
+
+    def uploaded_keys(self) -> frozenset[str] | None:
+        """Keys every update must carry; ``None`` means all keys of the global params."""
+        ...
 
     def payload(self, state: StrategyState) -> Buffers: ...
 
@@ -101,3 +141,89 @@ def plain_local_update(
     load_params(model, task.global_params, device)
     result = train_local(model, data, opts, generator=generator, device=device)
     return LocalResult(weights_update(task.site, model, result))
+
+
+# --- model structure, read from modules rather than guessed from key names ---
+
+
+def trainable_keys(model: nn.Module) -> frozenset[str]:
+    """``state_dict`` keys of parameters that receive gradients (tied weights: every alias)."""
+    return frozenset(
+        name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
+    )
+
+
+def norm_layer_keys(model: nn.Module) -> frozenset[str]:
+    """``state_dict`` keys (affine parameters and running statistics) of normalisation layers.
+
+    Decided by ``isinstance(module, _NormBase)`` -- BatchNorm1d/2d/3d, SyncBatchNorm, lazy
+    variants and InstanceNorm -- because names like ``bn1`` or ``downsample.1`` are a convention
+    of some architectures, not a fact. LayerNorm/GroupNorm carry no per-site statistics and are
+    not included.
+    """
+    keys: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _NormBase):
+            prefix = f"{name}." if name else ""
+            keys.update(prefix + k for k in module.state_dict())
+    return frozenset(keys)
+
+
+def check_context(global_params: Params, context: FederationContext) -> None:
+    """Fail early when the global params do not belong to the model the context describes."""
+    model_keys = set(context.model.state_dict())
+    if model_keys != set(global_params):
+        missing = sorted(model_keys - set(global_params))
+        extra = sorted(set(global_params) - model_keys)
+        raise ValueError(
+            f"global params do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+
+
+class AlgorithmBase:
+    """Defaults shared by the concrete algorithms: plain local training, no payload, no state.
+
+    Subclasses override what differs; ``aggregate`` must always be provided.
+    """
+
+    name: str = "base"
+    preserves_consensus: bool = True
+
+    def init(self, global_params: Params, *, context: FederationContext) -> StrategyState:
+        check_context(global_params, context)
+        return StrategyState()
+
+    def uploaded_keys(self) -> frozenset[str] | None:
+        return None
+
+    def payload(self, state: StrategyState) -> Buffers:
+        return {}
+
+    def aggregate(
+        self,
+        global_params: Params,
+        updates: Sequence[Update],
+        state: StrategyState,
+        *,
+        round_idx: int,
+    ) -> tuple[Params, StrategyState]:
+        raise NotImplementedError
+
+    def local_update(
+        self,
+        model: nn.Module,
+        task: LocalTask,
+        data: ArrayDataset,
+        opts: TrainOptions,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> LocalResult:
+        return plain_local_update(model, task, data, opts, generator=generator, device=device)
+
+    def personalize(self, global_params: Params, client_state: ClientState) -> Params:
+        return global_params
+
+    def __repr__(self) -> str:
+        opts = getattr(self, "options", None)
+        return f"{type(self).__name__}({self.name!r}, {opts!r})"

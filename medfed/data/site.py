@@ -57,6 +57,15 @@ class ArrayDataset:
             else (),
         )
 
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """The same dataset on ``device`` (GPU-resident uint8 when it fits); masks stay put."""
+        return ArrayDataset(
+            images=self.images.to(device),
+            labels=self.labels.to(device),
+            masks=self.masks,
+            case_ids=self.case_ids,
+        )
+
     @property
     def num_classes(self) -> int:
         return int(self.labels.max().item()) + 1 if len(self) else 0

@@ -1,0 +1,69 @@
+"""FedProx (Li et al. 2020): FedAvg plus a proximal term that keeps local weights near the global.
+
+Client loss per batch: ``CE + mu/2 * ||w - w_global||^2`` over the *trainable parameters* only.
+BatchNorm running statistics are not trained by gradient, so a penalty on them would do nothing.
+The term enters through ``train_local``'s ``loss_term`` hook, so the one training loop is reused;
+with ``mu == 0`` no hook is installed at all, which makes FedProx(0) bit-identical to FedAvg.
+The server half is FedAvg's.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from medfed.algorithms.base import LocalResult, LocalTask, load_params, weights_update
+from medfed.algorithms.fedavg import FedAvg
+from medfed.algorithms.registry import STRATEGIES
+from medfed.client.train import LossTerm, TrainOptions, train_local
+from medfed.data.site import ArrayDataset
+
+
+class FedProxOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mu: float = Field(0.01, ge=0, description="proximal coefficient; 0 gives FedAvg")
+
+
+def proximal_term(model: nn.Module, mu: float) -> LossTerm:
+    """``mu/2 * sum ||p - p_anchor||^2`` with anchors snapshotted from ``model`` right now.
+
+    Its gradient with respect to p is ``mu * (p - p_anchor)``.
+    """
+    pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def term(_: nn.Module) -> torch.Tensor:
+        total = torch.zeros((), device=pairs[0][0].device) if pairs else torch.zeros(())
+        for p, anchor in pairs:
+            total = total + (p - anchor).pow(2).sum()
+        return total * (mu / 2.0)
+
+    return term
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+
+    def __init__(self, options: FedProxOptions | None = None) -> None:  # type: ignore[override]
+        self.options = options or FedProxOptions()
+
+    def local_update(
+        self,
+        model: nn.Module,
+        task: LocalTask,
+        data: ArrayDataset,
+        opts: TrainOptions,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> LocalResult:
+        load_params(model, task.global_params, device)
+        term = proximal_term(model, self.options.mu) if self.options.mu > 0 else None
+        result = train_local(
+            model, data, opts, generator=generator, device=device, loss_term=term
+        )
+        return LocalResult(weights_update(task.site, model, result))
+
+
+STRATEGIES.register("fedprox", options=FedProxOptions)(FedProx)

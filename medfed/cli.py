@@ -1,0 +1,166 @@
+"""``medfed`` command line: run, data synth, data preview, list.
+
+Errors a user can fix (config typos, missing files, a federation that lost too many sites) are
+printed as one message without a traceback; set MEDFED_DEBUG=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set federation.rounds=3 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medfed", description="Federated learning for medical images."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train one federated (or centralized/local) run")
+    run.add_argument("config", nargs="?", help="YAML preset, e.g. configs/quickstart.yaml")
+    _add_set(run)
+    run.add_argument("--out", help="run directory (default runs/<name>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    data = sub.add_parser("data", help="built-in data: synthesize, preview")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    synth = dsub.add_parser("synth", help="generate a synthetic federation to a folder")
+    synth.add_argument("kind", choices=["ultrasound"])
+    synth.add_argument("--out", required=True, help="output folder")
+    _add_set(synth)
+    prev = dsub.add_parser("preview", help="PNG grid of example images per site")
+    prev.add_argument("config", nargs="?", help="run config whose data to preview (optional)")
+    prev.add_argument("--out", required=True, help="PNG file to write")
+    prev.add_argument("--per-site", type=int, default=8)
+    _add_set(prev)
+
+    lst = sub.add_parser("list", help="registered components")
+    lst.add_argument("what", choices=["strategies", "models"])
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from medfed.config import load_config
+    from medfed.engine import run
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ValueError("--resume takes the run's own config; do not pass CONFIG or --set")
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+        config = load_config(cfg_path)
+        result = run(config, out_dir=run_dir, resume=True, progress=not args.quiet)
+    else:
+        if not args.config:
+            raise ValueError("give a CONFIG file, or --resume RUN_DIR")
+        config = load_config(args.config, args.overrides)
+        run_dir = Path(args.out or Path("runs") / config.name)
+        result = run(config, out_dir=run_dir, progress=not args.quiet)
+    s = result.summary
+    print(json.dumps({k: s[k] for k in s if k not in {"site_val", "sites"}}, indent=2))
+    console.print(f"[green]done[/] -> {run_dir}")
+    return 0
+
+
+def _ultrasound_options(config_path: str | None, overrides: Sequence[str], *, prefix: str):  # type: ignore[no-untyped-def]
+    from medfed.config import build_config, load_config
+
+    if config_path:
+        return load_config(config_path, overrides).data.ultrasound
+    return build_config({}, [f"{prefix}{o}" for o in overrides]).data.ultrasound
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from medfed.data.synthetic.preview import write_preview
+    from medfed.data.synthetic.ultrasound import synthesize_federation
+    from medfed.engine import default_cache_dir
+
+    if args.data_command == "synth":
+        opts = _ultrasound_options(None, args.overrides, prefix="data.ultrasound.")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        fed = synthesize_federation(opts, cache_dir=out)
+        sites = list(fed.sites) + ([fed.external] if fed.external is not None else [])
+        manifest = {
+            "options": opts.model_dump(mode="json"),
+            "sites": {
+                s.name: {
+                    "train": len(s.train),
+                    "val": len(s.val),
+                    "train_class_counts": s.train.class_counts(),
+                    "val_class_counts": s.val.class_counts(),
+                    "external": s is fed.external,
+                }
+                for s in sites
+            },
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        write_preview(fed, out / "preview.png")
+        console.print(f"[green]wrote[/] {out} ({sum(len(s.train) + len(s.val) for s in fed.sites)} training-site images)")
+        return 0
+    opts = _ultrasound_options(args.config, args.overrides, prefix="data.ultrasound.")
+    fed = synthesize_federation(opts, cache_dir=default_cache_dir())
+    path = write_preview(fed, Path(args.out), per_site=args.per_site)
+    console.print(f"[green]wrote[/] {path}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "strategies":
+        from medfed.algorithms import STRATEGIES
+
+        for name in STRATEGIES.names():
+            opts = STRATEGIES.options(name)
+            fields = ", ".join(opts.model_fields) if opts is not None else ""
+            print(f"{name}" + (f"  (options: {fields})" if fields else ""))
+    else:
+        from medfed.models.factory import model_names
+
+        print("\n".join(model_names()))
+        print("timm:<any timm model name>")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from medfed.config import ConfigError
+    from medfed.engine import FederationError
+
+    handlers = {"run": _cmd_run, "data": _cmd_data, "list": _cmd_list}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as err:
+        console.print(Text.assemble(("config error: ", "bold red"), str(err)))
+        return 2
+    except (FederationError, FileExistsError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("MEDFED_DEBUG"):
+            raise
+        console.print(Text.assemble(("error: ", "bold red"), str(err)))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Validated run configuration: YAML presets + ``--set a.b=c`` overrides -> pydantic models.
+
+Every section forbids unknown keys, so a typo is an error naming the field, not a silently ignored
+setting. Component names (strategy, model) are checked against their registries here, before any
+data is generated or any model is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medfed.client.train import TrainOptions
+from medfed.data.synthetic.ultrasound import UltrasoundOptions
+from medfed.registry import UnknownComponentError
+from medfed.types import Paradigm, StrEnum
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one readable message (the CLI prints it, no traceback)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSource(StrEnum):
+    SYNTHETIC_ULTRASOUND = "synthetic_ultrasound"
+
+
+class DataConfig(_Section):
+    source: DataSource = DataSource.SYNTHETIC_ULTRASOUND
+    ultrasound: UltrasoundOptions = Field(default_factory=UltrasoundOptions)
+    cache_dir: str | None = Field(
+        None, description="where generated federations are cached; default ~/.cache/medfed"
+    )
+
+
+class ModelConfig(_Section):
+    name: str = "medfed:smallcnn"
+    pretrained_path: Path | None = None
+    freeze_backbone: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from medfed.models.factory import check_model_name
+
+        try:
+            return check_model_name(v)
+        except UnknownComponentError as err:
+            raise ValueError(str(err)) from None
+
+
+class StrategyConfig(_Section):
+    name: str = "fedavg"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> StrategyConfig:
+        from medfed.algorithms import STRATEGIES
+
+        try:
+            opts_model = STRATEGIES.options(self.name)
+        except UnknownComponentError as err:
+            raise ValueError(str(err)) from None
+        if opts_model is None:
+            if self.options:
+                raise ValueError(f"strategy {self.name!r} takes no options")
+            return self
+        try:
+            opts_model.model_validate(self.options)
+        except ValidationError as err:
+            raise ValueError(f"options for strategy {self.name!r}: {_describe(err)}") from None
+        return self
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(10, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1, description="share of sites sampled each round")
+    min_clients: int = Field(
+        2, ge=1, description="fewest sampled sites per round, and fewest valid updates to go on"
+    )
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+
+
+class ValidationConfig(_Section):
+    max_relative_update_norm: float = Field(
+        10.0,
+        gt=0,
+        description="reject an update whose change ||w - w_global|| exceeds this times ||w_global||",
+    )
+
+
+class FaultKind(StrEnum):
+    RAISE = "raise"
+    DROP = "drop"
+    NAN = "nan"
+    WRONG_SHAPE = "wrong_shape"
+    SCALE = "scale"
+
+
+class FaultConfig(_Section):
+    """A deliberately misbehaving site, for testing that the federation survives it."""
+
+    site: str
+    kind: FaultKind
+    rounds: list[int] | None = Field(None, description="rounds (0-based) it misbehaves; None = all")
+    factor: float = 100.0
+
+
+class CheckpointConfig(_Section):
+    keep_last: int = Field(2, ge=1)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    paradigm: Paradigm = Paradigm.FEDERATED
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainOptions = Field(default_factory=TrainOptions)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    faults: list[FaultConfig] = Field(default_factory=list)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in {"auto", "cpu"} and not v.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {v!r}")
+        return v
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        elif e["type"] == "enum" and "expected" in e.get("ctx", {}):
+            msg = f"{msg}"
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``a.b=c`` pairs; values are parsed as YAML scalars/lists (safe_load, never eval)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def build_config(
+    raw: Mapping[str, Any] | None, overrides: Sequence[str] = (), *, source: str = "<config>"
+) -> RunConfig:
+    tree: dict[str, Any] = json.loads(json.dumps(dict(raw or {}), default=str))
+    for key, value in parse_overrides(overrides):
+        _set_path(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {source}: {_describe(err)}") from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return build_config(raw, overrides, source=str(path))
+
+
+def config_dict(config: RunConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def config_hash(config: RunConfig) -> str:
+    """Canonical hash: the same settings give the same hash whatever the YAML layout or key order."""
+    blob = json.dumps(config_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    text = f"# medfed resolved config; hash {config_hash(config)}\n" + yaml.safe_dump(
+        config_dict(config), sort_keys=False
+    )
+    Path(path).write_text(text)
+
+

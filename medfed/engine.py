@@ -1,0 +1,375 @@
+"""The round loop: plan -> local updates -> validate -> aggregate -> evaluate -> record -> checkpoint.
+
+The engine owns the loop and nothing else: the topology says who trains, the runtime carries the
+work, the algorithm's pure ``aggregate`` merges. Every completed round is checkpointed, so a run
+that dies resumes from its last completed round and ends bit-identical to one that never died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.algorithms import STRATEGIES, Algorithm, FederationContext
+from medfed.algorithms.base import load_params, read_params
+from medfed.checkpoint import load_latest, save_checkpoint, save_params
+from medfed.client.train import predict_proba, resolve_device
+from medfed.config import RunConfig, config_hash, dump_config
+from medfed.data.site import Federation, Site
+from medfed.history import History, RoundRecord, SiteRound
+from medfed.metrics.classification import accuracy, multiclass_auc
+from medfed.models.factory import create_model
+from medfed.progress import Reporter
+from medfed.runtime.inprocess import Failure, InProcessRuntime
+from medfed.seeding import derive_seed, numpy_rng
+from medfed.topologies.star import StarTopology
+from medfed.types import ClientState, Paradigm, Params, params_nbytes
+from medfed.validation import validate_update
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (e.g. too few valid updates); the last round is checkpointed."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    history: History
+    summary: dict[str, Any]
+    final_params: Params
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEDFED_CACHE", Path.home() / ".cache" / "medfed"))
+
+
+def build_federation(config: RunConfig) -> Federation:
+    from medfed.data.synthetic.ultrasound import synthesize_federation
+
+    cache = config.data.cache_dir or default_cache_dir()
+    return synthesize_federation(config.data.ultrasound, cache_dir=cache)
+
+
+def build_model(config: RunConfig, federation: Federation) -> nn.Module:
+    # The initial weights are part of the experiment: derive them from the seed.
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    return create_model(
+        config.model.name,
+        num_classes=max(federation.num_classes, 2),
+        in_chans=federation.in_chans,
+        image_size=int(federation.sites[0].train.images.shape[-1]),
+        pretrained_path=config.model.pretrained_path,
+        freeze_backbone=config.model.freeze_backbone,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    algorithm: Algorithm,
+    global_params: Params,
+    client_states: Mapping[str, ClientState],
+    sites: Sequence[Site],
+    *,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[float, float, dict[str, dict[str, float]]]:
+    """Pooled and per-site internal validation; each site scores with the model it would use."""
+    labels, probas, per_site = [], [], {}
+    for site in sites:
+        if len(site.val) == 0:
+            continue
+        params = algorithm.personalize(global_params, client_states.get(site.name, {}))
+        load_params(model, params, device)
+        proba = predict_proba(model, site.val, device=device, batch_size=batch_size)
+        y = site.val.labels.numpy()
+        per_site[site.name] = {
+            "auc": multiclass_auc(y, proba),
+            "acc": accuracy(y, proba),
+            "n": float(len(y)),
+        }
+        labels.append(y)
+        probas.append(proba)
+    y_all, p_all = np.concatenate(labels), np.concatenate(probas)
+    return multiclass_auc(y_all, p_all), accuracy(y_all, p_all), per_site
+
+
+def _evaluate_external(
+    model: nn.Module, params: Params, site: Site | None, *, device: torch.device, batch_size: int
+) -> tuple[float | None, float | None]:
+    if site is None or len(site.val) == 0:
+        return None, None
+    load_params(model, params, device)
+    proba = predict_proba(model, site.val, device=device, batch_size=batch_size)
+    y = site.val.labels.numpy()
+    return multiclass_auc(y, proba), accuracy(y, proba)
+
+
+def _prepare_dir(out_dir: Path, config: RunConfig, *, resume: bool) -> None:
+    if not resume:
+        if (out_dir / "history.jsonl").exists() or (out_dir / "checkpoints").exists():
+            raise FileExistsError(
+                f"{out_dir} already holds a run; resume it with `medfed run --resume {out_dir}` "
+                "or choose another --out"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, out_dir / "config.yaml")
+
+
+def _train_rounds(
+    config: RunConfig,
+    *,
+    train_sites: Sequence[Site],
+    eval_sites: Sequence[Site],
+    external: Site | None,
+    strategy_name: str,
+    strategy_options: Mapping[str, Any],
+    min_clients: int,
+    fraction: float,
+    out_dir: Path,
+    resume: bool,
+    reporter: Reporter,
+    label: str,
+) -> RunResult:
+    _prepare_dir(out_dir, config, resume=resume)
+    device = resolve_device(config.device)
+    fed = Federation(tuple(train_sites))
+    model = build_model(config, fed).to(device)
+    algorithm = STRATEGIES.create(strategy_name, strategy_options)
+    site_names = tuple(s.name for s in train_sites)
+    global_params = read_params(model)
+    state = algorithm.init(global_params, context=FederationContext(model=model, sites=site_names))
+    runtime = InProcessRuntime(
+        model=model,
+        algorithm=algorithm,
+        data={s.name: s.train for s in train_sites},
+        opts=config.train,
+        device=device,
+        seed=config.seed,
+        faults=[f for f in config.faults if f.site in site_names],
+    )
+    topology = StarTopology(fraction=fraction, min_clients=min_clients)
+    chash = config_hash(config)
+    start_round = 0
+    hist_path = out_dir / "history.jsonl"
+    history = History(hist_path)
+    wall_offset = 0.0
+    if resume:
+        ckpt = load_latest(out_dir)
+        if ckpt is not None:
+            if ckpt.meta.get("config_hash") != chash:
+                raise FederationError(
+                    f"{out_dir}: checkpoint was written by config {ckpt.meta.get('config_hash')}, "
+                    f"not {chash}; refusing to mix runs"
+                )
+            global_params, state = ckpt.global_params, ckpt.state
+            runtime.client_states = dict(ckpt.client_states)
+            start_round = ckpt.round_idx + 1
+            wall_offset = float(ckpt.meta.get("wall_seconds", 0.0))
+            history = History.resume(hist_path, upto_round=ckpt.round_idx)
+        else:
+            history = History.resume(hist_path, upto_round=-1)
+    rounds = config.federation.rounds
+    expected = None if algorithm.uploaded_keys() is None else set(algorithm.uploaded_keys() or ())
+    t_start = time.perf_counter()
+    reporter.start(label, total=rounds, completed=start_round)
+    for r in range(start_round, rounds):
+        t0 = time.perf_counter()
+        plan = topology.plan(r, site_names, numpy_rng(config.seed, "sample", r))
+        payload = algorithm.payload(state)
+        outcomes = runtime.execute(
+            r, plan.participants, global_params, payload, on_site=lambda s: reporter.site(s)
+        )
+        rejected: dict[str, str] = {}
+        accepted = []
+        for o in outcomes:
+            if isinstance(o, Failure):
+                rejected[o.site] = o.reason
+                continue
+            reason = validate_update(
+                o,
+                global_params,
+                expected_keys=expected,
+                max_relative_norm=config.validation.max_relative_update_norm,
+            )
+            if reason is None:
+                accepted.append(o)
+            else:
+                rejected[o.site] = reason
+        for site, reason in rejected.items():
+            reporter.warn(f"round {r}: rejected update from site {site!r}: {reason}")
+        if len(accepted) < min_clients:
+            raise FederationError(
+                f"round {r}: only {len(accepted)} valid update(s) from {len(plan.participants)} "
+                f"sampled site(s), min_clients={min_clients}; rejected: "
+                + "; ".join(f"{s}: {why}" for s, why in rejected.items())
+                + (f". Fix the sites, then `medfed run --resume {out_dir}`" if r else "")
+            )
+        payload_bytes = sum(params_nbytes(p) for p in payload.values())
+        bytes_down = len(plan.participants) * (params_nbytes(global_params) + payload_bytes)
+        bytes_up = sum(
+            params_nbytes(u.params) + sum(params_nbytes(x) for x in u.extras.values())
+            for u in accepted
+        )
+        global_params, state = algorithm.aggregate(global_params, accepted, state, round_idx=r)
+        val_auc, val_acc, site_val = evaluate(
+            model,
+            algorithm,
+            global_params,
+            runtime.client_states,
+            eval_sites,
+            device=device,
+            batch_size=config.train.eval_batch_size,
+        )
+        ext_auc, ext_acc = _evaluate_external(
+            model, global_params, external, device=device, batch_size=config.train.eval_batch_size
+        )
+        record = RoundRecord(
+            round=r,
+            participants=list(plan.participants),
+            sites={
+                u.site: SiteRound(
+                    train_loss=float(u.metrics.get("train_loss", float("nan"))),
+                    examples=u.num_examples,
+                    steps=int(u.metrics.get("steps", 0)),
+                )
+                for u in accepted
+            },
+            val_auc=val_auc,
+            val_acc=val_acc,
+            site_val=site_val,
+            rejected=rejected,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            seconds=time.perf_counter() - t0,
+            external_auc=ext_auc,
+            external_acc=ext_acc,
+        )
+        history.append(record)
+        save_checkpoint(
+            out_dir,
+            round_idx=r,
+            global_params=global_params,
+            state=state,
+            client_states=runtime.client_states,
+            meta={
+                "config_hash": chash,
+                "seed": config.seed,
+                "rng": "derived per (seed, round, site) via sha256; no state to restore",
+                "wall_seconds": wall_offset + time.perf_counter() - t_start,
+            },
+            keep_last=config.checkpoint.keep_last,
+        )
+        reporter.round_done(record)
+    save_params(global_params, out_dir / "final.safetensors")
+    summary = _summary(history, config, chash, wall_offset + time.perf_counter() - t_start)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    reporter.stop()
+    return RunResult(history, summary, global_params)
+
+
+def _summary(history: History, config: RunConfig, chash: str, wall: float) -> dict[str, Any]:
+    last = history.last or {}
+    rejected_total: dict[str, int] = {}
+    for row in history:
+        for site in row["rejected"]:
+            rejected_total[site] = rejected_total.get(site, 0) + 1
+    return {
+        "name": config.name,
+        "paradigm": str(config.paradigm),
+        "strategy": config.federation.strategy.name,
+        "model": config.model.name,
+        "rounds": len(history),
+        "val_auc": last.get("val_auc"),
+        "val_acc": last.get("val_acc"),
+        "external_auc": last.get("external_auc"),
+        "external_acc": last.get("external_acc"),
+        "site_val": last.get("site_val", {}),
+        "rejected_rounds": rejected_total,
+        "bytes_up": sum(r["bytes_up"] for r in history),
+        "bytes_down": sum(r["bytes_down"] for r in history),
+        "wall_seconds": wall,
+        "config_hash": chash,
+    }
+
+
+def run(
+    config: RunConfig,
+    *,
+    out_dir: str | Path,
+    resume: bool = False,
+    federation: Federation | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Run ``config`` into ``out_dir``; see README for the files written there."""
+    out_dir = Path(out_dir)
+    fed = federation if federation is not None else build_federation(config)
+    reporter = Reporter(enabled=progress)
+    fcfg = config.federation
+    common = dict(eval_sites=fed.sites, external=fed.external, reporter=reporter)
+    if config.paradigm is Paradigm.FEDERATED:
+        if fcfg.min_clients > len(fed.sites):
+            raise FederationError(
+                f"min_clients={fcfg.min_clients} but the federation has {len(fed.sites)} sites"
+            )
+        return _train_rounds(
+            config,
+            train_sites=fed.sites,
+            strategy_name=fcfg.strategy.name,
+            strategy_options=fcfg.strategy.options,
+            min_clients=fcfg.min_clients,
+            fraction=fcfg.fraction,
+            out_dir=out_dir,
+            resume=resume,
+            label="federated",
+            **common,  # type: ignore[arg-type]
+        )
+    if config.paradigm is Paradigm.CENTRALIZED:
+        # One client holding the pooled data: FedAvg of one client is that client, so each
+        # "round" is plain training with the same per-round sample budget as FedAvg.
+        return _train_rounds(
+            config,
+            train_sites=[fed.pooled("pooled")],
+            strategy_name="fedavg",
+            strategy_options={},
+            min_clients=1,
+            fraction=1.0,
+            out_dir=out_dir,
+            resume=resume,
+            label="centralized",
+            **common,  # type: ignore[arg-type]
+        )
+    # Local-only: each site trains alone; every model is judged on everyone's validation data.
+    _prepare_dir(out_dir, config, resume=resume)
+    results = {}
+    for site in fed.sites:
+        results[site.name] = _train_rounds(
+            config,
+            train_sites=[site],
+            strategy_name="fedavg",
+            strategy_options={},
+            min_clients=1,
+            fraction=1.0,
+            out_dir=out_dir / "local" / site.name,
+            resume=resume and (out_dir / "local" / site.name).exists(),
+            label=f"local {site.name}",
+            **common,  # type: ignore[arg-type]
+        )
+    summary = {
+        "name": config.name,
+        "paradigm": str(config.paradigm),
+        "model": config.model.name,
+        "sites": {name: res.summary for name, res in results.items()},
+        "val_auc_mean": float(np.nanmean([res.summary["val_auc"] for res in results.values()])),
+        "config_hash": config_hash(config),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    best = max(results.values(), key=lambda res: res.summary["val_auc"])
+    return RunResult(best.history, summary, best.final_params)

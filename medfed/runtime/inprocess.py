@@ -1,0 +1,139 @@
+"""In-process runtime: sites are direct calls on one reused worker model.
+
+This is the simulator: it carries tasks to sites and updates back without serialising anything,
+so the engine's overhead over a plain PyTorch loop stays small. Site-local state (FedBN's BN,
+SCAFFOLD's c_i) is held here per site, as a real site would hold it on its own disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from medfed.algorithms.base import Algorithm, LocalTask
+from medfed.client.train import TrainOptions
+from medfed.config import FaultConfig, FaultKind
+from medfed.data.site import ArrayDataset
+from medfed.seeding import derive_seed, torch_generator
+from medfed.types import Buffers, ClientState, Params, ParamKind, Update
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A site that produced no usable update this round (raised, dropped out)."""
+
+    site: str
+    reason: str
+
+
+Outcome = Update | Failure
+SiteCallback = Callable[[str], None]
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _apply_fault(update: Update, fault: FaultConfig, global_params: Params) -> Update:
+    params = dict(update.params)
+    if fault.kind is FaultKind.NAN:
+        key = next(k for k, v in params.items() if v.is_floating_point())
+        bad = params[key].clone()
+        bad.view(-1)[0] = float("nan")
+        params[key] = bad
+    elif fault.kind is FaultKind.WRONG_SHAPE:
+        key = next(k for k, v in params.items() if v.numel() > 1)
+        params[key] = params[key].reshape(-1)[:-1].clone()
+    elif fault.kind is FaultKind.SCALE:
+        params = {
+            k: (global_params[k] + fault.factor * (v - global_params[k]))
+            if v.is_floating_point() and update.kind is ParamKind.WEIGHTS
+            else v * fault.factor
+            if v.is_floating_point()
+            else v
+            for k, v in params.items()
+        }
+    return replace(update, params=params)
+
+
+class InProcessRuntime:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        algorithm: Algorithm,
+        data: Mapping[str, ArrayDataset],
+        opts: TrainOptions,
+        device: torch.device,
+        seed: int,
+        faults: Sequence[FaultConfig] = (),
+    ) -> None:
+        self.model = model.to(device)
+        self.algorithm = algorithm
+        self.device = device
+        # GPU-resident data when on a GPU: one host->device copy per run, not per round.
+        self.data = {k: v.to(device) for k, v in data.items()} if device.type == "cuda" else data
+        self.opts = opts
+        self.seed = seed
+        self.faults = {f.site: f for f in faults}
+        unknown = sorted(set(self.faults) - set(data))
+        if unknown:
+            raise ValueError(f"faults name unknown sites {unknown}; sites: {sorted(data)}")
+        self.client_states: dict[str, ClientState] = {}
+
+    def _fault(self, site: str, round_idx: int) -> FaultConfig | None:
+        f = self.faults.get(site)
+        if f is None or (f.rounds is not None and round_idx not in f.rounds):
+            return None
+        return f
+
+    def execute(
+        self,
+        round_idx: int,
+        participants: Sequence[str],
+        global_params: Params,
+        payload: Buffers,
+        *,
+        on_site: SiteCallback | None = None,
+    ) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for site in participants:
+            if on_site is not None:
+                on_site(site)
+            fault = self._fault(site, round_idx)
+            if fault is not None and fault.kind is FaultKind.DROP:
+                outcomes.append(Failure(site, "dropped out: no reply"))
+                continue
+            task = LocalTask(
+                site=site,
+                round_idx=round_idx,
+                global_params=global_params,
+                payload=payload,
+                client_state=self.client_states.get(site, {}),
+            )
+            # Per-(round, site) randomness: resumable and independent of which sites ran before.
+            torch.manual_seed(derive_seed(self.seed, "torch", round_idx, site))
+            generator = torch_generator(self.seed, "train", round_idx, site)
+            try:
+                if fault is not None and fault.kind is FaultKind.RAISE:
+                    raise InjectedFault(f"injected fault at site {site}")
+                result = self.algorithm.local_update(
+                    self.model,
+                    task,
+                    self.data[site],
+                    self.opts,
+                    generator=generator,
+                    device=self.device,
+                )
+            except Exception as err:  # a site's failure must not take the federation down
+                outcomes.append(Failure(site, f"client raised {type(err).__name__}: {err}"))
+                continue
+            self.client_states[site] = result.client_state
+            update = result.update
+            if fault is not None:
+                update = _apply_fault(update, fault, global_params)
+            outcomes.append(update)
+        return outcomes

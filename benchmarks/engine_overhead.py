@@ -101,7 +101,7 @@ def plain_run(fed: Federation) -> tuple[float, float]:
             weights.append(n)
         total = sum(weights)
         global_state = {
-            k: sum(s[k].double() * (w / total) for s, w in zip(states, weights)).to(
+            k: sum(s[k].double() * (w / total) for s, w in zip(states, weights, strict=False)).to(
                 global_state[k].dtype
             )
             for k in global_state
@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for clients, images in zip(args.clients, args.images):
+    for clients, images in zip(args.clients, args.images, strict=False):
         fed = make_federation(clients, images)
         plain_run(fed)  # warm-up (allocator, kernels)
         ours, ref, accs = [], [], set()

@@ -60,7 +60,7 @@ class Checkpoint:
     round_idx: int  # last completed round (0-based)
     global_params: Params
     state: StrategyState
-    client_states: dict[str, ClientState]
+    client_states: Mapping[str, ClientState]
     meta: dict[str, Any]
 
 
@@ -109,7 +109,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def load_checkpoint(path: Path) -> Checkpoint:
     doc = json.loads((path / "state.json").read_text())
     client_states = {
-        f.stem: _unflatten(load_file(str(f))) for f in sorted((path / "sites").glob("*.safetensors"))
+        f.stem: _unflatten(load_file(str(f)))
+        for f in sorted((path / "sites").glob("*.safetensors"))
     }
     state = StrategyState(
         round=int(doc["strategy"]["round"]),

@@ -12,11 +12,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.text import Text
 
-console = Console(stderr=True)
+if TYPE_CHECKING:
+    from medfed.data.synthetic.ultrasound import UltrasoundOptions
+
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -85,7 +89,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ultrasound_options(config_path: str | None, overrides: Sequence[str], *, prefix: str):  # type: ignore[no-untyped-def]
+def _ultrasound_options(
+    config_path: str | None, overrides: Sequence[str], *, prefix: str
+) -> UltrasoundOptions:
     from medfed.config import build_config, load_config
 
     if config_path:
@@ -119,7 +125,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         write_preview(fed, out / "preview.png")
-        console.print(f"[green]wrote[/] {out} ({sum(len(s.train) + len(s.val) for s in fed.sites)} training-site images)")
+        console.print(
+            f"[green]wrote[/] {out} ({sum(len(s.train) + len(s.val) for s in fed.sites)} training-site images)"
+        )
         return 0
     opts = _ultrasound_options(args.config, args.overrides, prefix="data.ultrasound.")
     fed = synthesize_federation(opts, cache_dir=default_cache_dir())

@@ -219,5 +219,3 @@ def dump_config(config: RunConfig, path: str | Path) -> None:
         config_dict(config), sort_keys=False
     )
     Path(path).write_text(text)
-
-

@@ -12,11 +12,15 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-from medfed.types import Params, ParamKind, Update
+from medfed.types import ParamKind, Params, Update
 
 
 def _check_tensors(
-    what: str, tensors: Mapping[str, torch.Tensor], reference: Params, *, exact_keys: Collection[str]
+    what: str,
+    tensors: Mapping[str, torch.Tensor],
+    reference: Params,
+    *,
+    exact_keys: Collection[str],
 ) -> str | None:
     missing = sorted(set(exact_keys) - set(tensors))
     if missing:

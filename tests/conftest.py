@@ -9,7 +9,9 @@ import torch
 from medfed.data.site import ArrayDataset, Federation, Site
 
 
-def make_site_data(n: int, *, size: int = 16, seed: int = 0, prevalence: float = 0.5) -> ArrayDataset:
+def make_site_data(
+    n: int, *, size: int = 16, seed: int = 0, prevalence: float = 0.5
+) -> ArrayDataset:
     """Class 1 images carry a bright square; noise makes the task imperfect but learnable."""
     rng = np.random.default_rng(seed)
     labels = (rng.random(n) < prevalence).astype(np.int64)

@@ -12,8 +12,13 @@ def _save(tmp_path, r, keep_last=2):
     state = StrategyState(round=r, buffers={"m": {"w": torch.ones(2, 2) * r}}, scalars={"t": r / 2})
     cs = {"site-a": {"bn": {"w": torch.arange(3.0) + r}}, "site-b": {}}
     return save_checkpoint(
-        tmp_path, round_idx=r, global_params=g, state=state, client_states=cs,
-        meta={"config_hash": "abc"}, keep_last=keep_last,
+        tmp_path,
+        round_idx=r,
+        global_params=g,
+        state=state,
+        client_states=cs,
+        meta={"config_hash": "abc"},
+        keep_last=keep_last,
     )
 
 

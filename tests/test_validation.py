@@ -11,7 +11,13 @@ GLOBAL = {
 
 
 def upd(params, **kw):
-    return Update(site="a", params=params, kind=kw.pop("kind", ParamKind.WEIGHTS), num_examples=kw.pop("n", 10), **kw)
+    return Update(
+        site="a",
+        params=params,
+        kind=kw.pop("kind", ParamKind.WEIGHTS),
+        num_examples=kw.pop("n", 10),
+        **kw,
+    )
 
 
 def check(update, keys=None, ratio=10.0):

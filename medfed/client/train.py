@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,7 +91,7 @@ def batches(
         yield idx
 
 
-def _autocast(device: torch.device, enabled: bool):  # type: ignore[no-untyped-def]
+def _autocast(device: torch.device, enabled: bool) -> AbstractContextManager[object]:
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return nullcontext()

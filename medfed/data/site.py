@@ -25,9 +25,7 @@ class ArrayDataset:
         if self.images.ndim != 4:
             raise ValueError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
         if self.images.shape[0] != self.labels.shape[0]:
-            raise ValueError(
-                f"{self.images.shape[0]} images but {self.labels.shape[0]} labels"
-            )
+            raise ValueError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
         if self.case_ids and len(self.case_ids) != len(self.labels):
             raise ValueError("case_ids must have one entry per image")
 
@@ -47,11 +45,11 @@ class ArrayDataset:
     def concat(parts: Sequence[ArrayDataset]) -> ArrayDataset:
         if not parts:
             raise ValueError("nothing to concatenate")
-        masks = [p.masks for p in parts]
+        masks = [p.masks for p in parts if p.masks is not None]
         return ArrayDataset(
             images=torch.cat([p.images for p in parts]),
             labels=torch.cat([p.labels for p in parts]),
-            masks=None if any(m is None for m in masks) else torch.cat(masks),  # type: ignore[misc]
+            masks=torch.cat(masks) if len(masks) == len(parts) else None,
             case_ids=tuple(c for p in parts for c in p.case_ids)
             if all(p.case_ids for p in parts)
             else (),

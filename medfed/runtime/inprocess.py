@@ -18,7 +18,7 @@ from medfed.client.train import TrainOptions
 from medfed.config import FaultConfig, FaultKind
 from medfed.data.site import ArrayDataset
 from medfed.seeding import derive_seed, torch_generator
-from medfed.types import Buffers, ClientState, Params, ParamKind, Update
+from medfed.types import Buffers, ClientState, ParamKind, Params, Update
 
 
 @dataclass(frozen=True)

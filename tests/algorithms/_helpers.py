@@ -90,13 +90,21 @@ def expected_keys(algo: Algorithm, global_params: Params) -> list[str]:
 
 
 def random_params_like(
-    global_params: Params, keys: Sequence[str], g: torch.Generator, scale: float = 0.3
+    global_params: Params,
+    keys: Sequence[str],
+    g: torch.Generator,
+    scale: float = 0.3,
+    *,
+    quantized: bool = False,
 ) -> Params:
+    """Global + noise; ``quantized`` draws the noise from {-scale, 0, scale} to provoke ties."""
     out: Params = {}
     for k in keys:
         v = global_params[k]
         if v.is_floating_point():
             d = torch.randn(v.shape, generator=g, dtype=torch.float64) * scale
+            if quantized:
+                d = torch.randint(-1, 2, v.shape, generator=g).double() * scale
             out[k] = (v.double() + d).to(v.dtype)
         else:
             out[k] = v + torch.randint(0, 5, v.shape, generator=g, dtype=v.dtype)

@@ -16,7 +16,9 @@ def test_matches_a_plain_pytorch_loop():
     data = make_site_data(50, size=16)
     opts = TrainOptions(epochs=2, batch_size=8, lr=0.05, momentum=0.9, augment=False)
     ours = _model()
-    train_local(ours, data, opts, generator=torch.Generator().manual_seed(3), device=torch.device("cpu"))
+    train_local(
+        ours, data, opts, generator=torch.Generator().manual_seed(3), device=torch.device("cpu")
+    )
 
     ref = _model()
     opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
@@ -31,7 +33,7 @@ def test_matches_a_plain_pytorch_loop():
             opt.zero_grad()
             F.cross_entropy(ref(x_all[idx]), data.labels[idx]).backward()
             opt.step()
-    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=False):
         assert torch.allclose(a, b, atol=1e-6), k
 
 
@@ -39,9 +41,13 @@ def test_deterministic_given_generator_and_learns():
     data = make_site_data(96, size=16, seed=1)
     opts = TrainOptions(epochs=8, batch_size=16, lr=0.05)
     a, b = _model(), _model()
-    ra = train_local(a, data, opts, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
-    train_local(b, data, opts, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    ra = train_local(
+        a, data, opts, generator=torch.Generator().manual_seed(0), device=torch.device("cpu")
+    )
+    train_local(
+        b, data, opts, generator=torch.Generator().manual_seed(0), device=torch.device("cpu")
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=False))
     assert ra.num_examples == 8 * 96 and ra.num_steps == 8 * 6
     proba = predict_proba(a, data, device=torch.device("cpu"))
     assert ((proba.argmax(1) == data.labels.numpy()).mean()) > 0.8
@@ -59,9 +65,13 @@ def test_max_steps_and_hooks():
         calls["grad"] += 1
 
     r = train_local(
-        _model(), data, TrainOptions(epochs=5, batch_size=8, max_steps=3),
-        generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-        loss_term=loss_term, grad_hook=grad_hook,
+        _model(),
+        data,
+        TrainOptions(epochs=5, batch_size=8, max_steps=3),
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        loss_term=loss_term,
+        grad_hook=grad_hook,
     )
     assert r.num_steps == 3 and r.num_examples == 24
     assert calls == {"loss": 3, "grad": 3}

@@ -37,4 +37,6 @@ def test_multiclass_auc_matches_sklearn_ovr_macro():
 
 
 def test_accuracy_hand():
-    assert accuracy([0, 1, 1], np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])) == pytest.approx(2 / 3)
+    assert accuracy([0, 1, 1], np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])) == pytest.approx(
+        2 / 3
+    )

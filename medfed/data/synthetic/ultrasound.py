@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
 from medfed.data.site import ArrayDataset, Federation, Site
@@ -135,8 +134,8 @@ class UltrasoundOptions(BaseModel):
 
 
 @lru_cache(maxsize=16)
-def _grids(probe: str, size: int) -> dict[str, np.ndarray]:
-    """Acquisition grid (rows = depth along the beam) and display grid, in cm.
+def _grids(probe: str, size: int) -> dict[str, torch.Tensor]:
+    """Acquisition grid (rows = depth along the beam) and display grid, in cm, as (1, H, W).
 
     Linear: acquisition grid = display grid. Sector: acquisition is (radius, angle) and the
     display pixels look it up by scan conversion; outside the fan is black.
@@ -147,7 +146,7 @@ def _grids(probe: str, size: int) -> dict[str, np.ndarray]:
         X, Z = np.meshgrid(x0 + (x1 - x0) * c, z0 + (z1 - z0) * c)
         foot = (np.abs(X) <= LINEAR_HALF_WIDTH) & (Z >= 0.0)
         g = {"X": X, "Z": Z, "D": np.maximum(Z, 0.0), "Xd": X, "Zd": Z, "foot": foot}
-        g["step"] = np.array((z1 - z0) / size)
+        g["step"] = np.full((1, 1), (z1 - z0) / size)
         g["depth"] = np.clip(Z / z1, 0.0, 1.0)
     else:
         r = SECTOR_APEX + (SECTOR_R1 - SECTOR_APEX) * c
@@ -158,117 +157,137 @@ def _grids(probe: str, size: int) -> dict[str, np.ndarray]:
         rd, thd = np.hypot(Xd, Zd + SECTOR_APEX), np.arctan2(Xd, Zd + SECTOR_APEX)
         foot = (rd >= SECTOR_APEX) & (rd <= SECTOR_R1) & (np.abs(thd) <= SECTOR_HALF_ANGLE)
         g = {"X": R * np.sin(TH), "Z": R * np.cos(TH) - SECTOR_APEX, "D": R - SECTOR_APEX}
-        g.update(Xd=Xd, Zd=Zd, foot=foot, step=np.array((SECTOR_R1 - SECTOR_APEX) / size))
+        g.update(Xd=Xd, Zd=Zd, foot=foot, step=np.full((1, 1), (SECTOR_R1 - SECTOR_APEX) / size))
         g["depth"] = (R - SECTOR_APEX) / (SECTOR_R1 - SECTOR_APEX)
-        grid = np.stack([thd / SECTOR_HALF_ANGLE, 2 * (rd - SECTOR_APEX) / (SECTOR_R1 - SECTOR_APEX) - 1], -1)
-        g["sample"] = grid.astype(_F32)
-    out = {k: (v.astype(_F32) if v.dtype == np.float64 else v)[None] for k, v in g.items()}
-    for v in out.values():
-        v.setflags(write=False)
-    return out
+        span = SECTOR_R1 - SECTOR_APEX
+        g["sample"] = np.stack([thd / SECTOR_HALF_ANGLE, 2 * (rd - SECTOR_APEX) / span - 1], -1)
+    return {k: torch.from_numpy(v.astype(_F32) if v.dtype == np.float64 else v)[None]
+            for k, v in g.items()}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
-# Anatomy
+# Anatomy (torch on CPU: the same maths as numpy, but multi-threaded and vectorised)
+
+_sig = torch.sigmoid
 
 
-def _sig(x: np.ndarray) -> np.ndarray:
-    return 0.5 + 0.5 * np.tanh(0.5 * x)
-
-
-def _blend(a: np.ndarray, b: np.ndarray | float, t: np.ndarray) -> np.ndarray:
+def _blend(a: torch.Tensor, b: torch.Tensor | float, t: torch.Tensor) -> torch.Tensor:
     return a + (b - a) * t
 
 
-def _nodule(X: np.ndarray, Z: np.ndarray, g: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+def _gauss(x: torch.Tensor, width: float) -> torch.Tensor:
+    return torch.exp(-((x / width) ** 2))
+
+
+def _col(g: dict[str, torch.Tensor], key: str, j: int) -> torch.Tensor:
+    return g[key][:, j, None, None]
+
+
+def _nodule(X: torch.Tensor, Z: torch.Tensor, g: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Signed distance (cm, negative inside) to the r(theta) boundary, and nodule-frame coords."""
     du, dv = X - g["nx"], Z - g["nz"]
     u = (du * g["cos_t"] + dv * g["sin_t"]) / g["na"]
     v = (dv * g["cos_t"] - du * g["sin_t"]) / g["nb"]
-    rho = np.hypot(u, v)
-    inv = 1.0 / np.maximum(rho, 1e-6)
+    rho = torch.hypot(u, v)
+    inv = 1.0 / rho.clamp_min(1e-6)
     c1, s1 = u * inv, v * inv  # cos, sin of theta; powers by the angle-addition recurrence
     ck, sk = c1 * c1 - s1 * s1, 2 * c1 * s1  # k = 2
-    radius = np.ones_like(rho)
+    radius = torch.ones_like(rho)
     for k in range(N_HARMONICS):
-        a, b = g["coef_re"][:, k, None, None], g["coef_im"][:, k, None, None]
-        radius += a * ck - b * sk  # Re((a + ib) e^{ik theta})
+        radius += _col(g, "coef_re", k) * ck - _col(g, "coef_im", k) * sk  # Re(a_k e^{ik theta})
         ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
     return (rho - radius) * g["nr"], u, v
 
 
-def _anatomy(grid: dict[str, np.ndarray], g: dict[str, np.ndarray], noise: np.ndarray):
+def _anatomy(grid: dict[str, torch.Tensor], g: dict[str, torch.Tensor], noise: torch.Tensor):
     """Echogenicity (power, thyroid = 1), excess attenuation (1/cm) and specular reflectors."""
     X, Z, D = grid["X"], grid["Z"], grid["D"]
     n0, n1 = noise[:, 0], noise[:, 1]
     fb, sb = g["fat_bottom"], g["strap_bottom"]
-    E = 0.5 * np.exp(0.3 * n0)  # deep soft tissue
-    strap = 0.4 * (1 + 0.45 * np.cos(2 * np.pi * (D + 0.04 * np.sin(2.5 * X + n1)) / 0.16))
+    fibres = torch.cos(2 * np.pi * (D + 0.04 * torch.sin(2.5 * X + n1)) / 0.16)
+    E = 0.35 * torch.exp(0.35 * n0) * (1 + 0.3 * fibres)  # deep soft tissue
+    strap = 0.3 * (1 + 0.6 * fibres)
     E = _blend(E, strap, _sig((sb - D) / _EDGE))
-    E = _blend(E, 0.8 * np.exp(0.35 * n1), _sig((fb - D) / _EDGE))  # subcutaneous fat
+    E = _blend(E, 0.6 * torch.exp(0.35 * n1), _sig((fb - D) / _EDGE))  # subcutaneous fat
     E = _blend(E, 3.0, _sig((0.1 - D) / _EDGE))  # skin
-    d = np.hypot((X - g["cx"]) / 1.0, (Z - fb - 0.35) / 0.28)  # sternocleidomastoid
-    E = _blend(E, strap * 0.9, _sig((1 - d) * 0.28 / _EDGE))
-    d = np.hypot((X - g["tx"] + 0.3 * g["side"]) / 0.75, (Z - g["tz"] - g["tb"] - 0.3) / 0.3)
-    E = _blend(E, 0.3, _sig((1 - d) * 0.3 / _EDGE))  # longus colli
-    alpha = np.zeros_like(E)
+    d = torch.hypot(X - g["cx"], (Z - fb - 0.35) / 0.28)  # sternocleidomastoid
+    E = _blend(E, strap * 0.9, _sig((1 - d) * (0.28 / _EDGE)))
+    d = torch.hypot((X - g["tx"] + 0.3 * g["side"]) / 0.75, (Z - g["tz"] - g["tb"] - 0.3) / 0.3)
+    E = _blend(E, 0.3, _sig((1 - d) * (0.3 / _EDGE)))  # longus colli
 
-    mn = np.minimum(g["ta"], g["tb"])
-    rl = np.hypot((X - g["tx"]) / g["ta"], (Z - g["tz"]) / g["tb"])
-    E = _blend(E, np.exp(g["het"] * n1), _sig((1 - rl) * mn / _EDGE))  # thyroid lobe
-    E *= 1 + 1.2 * np.exp(-(((rl - 1) * mn / 0.035) ** 2))  # capsule
+    mn = torch.minimum(g["ta"], g["tb"])
+    rl = torch.hypot((X - g["tx"]) / g["ta"], (Z - g["tz"]) / g["tb"])
+    E = _blend(E, torch.exp(g["het"] * n1), _sig((1 - rl) * mn / _EDGE))  # thyroid lobe
+    E *= 1 + 1.2 * _gauss((rl - 1) * mn, 0.035)  # capsule
 
     sd, u, v = _nodule(X, Z, g)
-    cyst = np.zeros_like(E)
+    cyst = torch.zeros_like(E)
     for j in range(N_BLOBS):
-        db = np.hypot(u - g["blob_u"][:, j, None, None], v - g["blob_v"][:, j, None, None])
-        on = g["blob_on"][:, j, None, None]
-        cyst = np.maximum(cyst, on * _sig((g["blob_r"][:, j, None, None] - db) * g["nr"] / _EDGE))
-    inner = _blend(g["level"] * np.exp(-g["texture"] * n0), 0.004, cyst)
-    E *= 1 - 0.75 * g["halo"] * np.exp(-(((sd - 0.04) / 0.03) ** 2))
-    E *= 1 + 2.0 * g["wall"] * np.exp(-((sd / 0.03) ** 2))
+        db = torch.hypot(u - _col(g, "blob_u", j), v - _col(g, "blob_v", j))
+        blob = _col(g, "blob_on", j) * _sig((_col(g, "blob_r", j) - db) * g["nr"] / _EDGE)
+        cyst = torch.maximum(cyst, blob)
+    inner = _blend(g["level"] * torch.exp(-g["texture"] * n0), 0.004, cyst)
+    E *= 1 - 0.75 * g["halo"] * _gauss(sd - 0.04, 0.03)
+    E *= 1 + 2.0 * g["wall"] * _gauss(sd, 0.03)
     inside = _sig(-sd / (0.8 * _EDGE))
     E = _blend(E, inner, inside)
-    alpha += inside * (g["alpha_in"] - 0.6 * cyst)
+    alpha = inside * (g["alpha_in"] - 0.6 * cyst)
 
-    d = np.hypot(X - g["cx"], Z - g["cz"])  # carotid: anechoic lumen, bright wall, enhancement
+    d = torch.hypot(X - g["cx"], Z - g["cz"])  # carotid: anechoic lumen, bright wall, enhancement
     lumen = _sig((g["rc"] - d) / _EDGE)
-    E = _blend(E, 0.005, lumen) * (1 + 1.5 * np.exp(-(((d - g["rc"]) / 0.04) ** 2)))
+    E = _blend(E, 0.005, lumen) * (1 + 1.5 * _gauss(d - g["rc"], 0.04))
     alpha -= 0.6 * lumen
-    d = np.hypot(X - g["qx"], Z - g["qz"])  # trachea: bright anterior wall, air shadow below
+    d = torch.hypot(X - g["qx"], Z - g["qz"])  # trachea: bright anterior wall, air shadow below
     air = _sig((g["rq"] - d) / _EDGE)
-    E = _blend(E, 0.05, air) + 6.0 * np.exp(-(((d - g["rq"]) / 0.05) ** 2)) * (Z < g["qz"])
-    alpha += 12.0 * air * (Z > g["qz"] - g["rq"] + 0.08)
+    depth_in = g["rq"] - d
+    reverb = sum(0.55**m * _gauss(depth_in - 0.3 * m, 0.06) for m in (1, 2, 3))
+    E = _blend(E, 0.03 + 2.0 * reverb, air)  # reverberations: fading copies of the wall
+    E += 6.0 * _gauss(depth_in, 0.05) * (Z < g["qz"])
+    alpha += 4.0 * air  # air: the shadow deepens down the lumen and stays dark behind it
 
-    spec = np.zeros_like(E)
+    spec = torch.zeros_like(E)
     for j in range(N_FOCI):
-        fr = g["f_r"][:, j, None, None]
-        dz = Z - g["fz"][:, j, None, None]
-        d2 = (X - g["fx"][:, j, None, None]) ** 2 + dz**2
-        blob = np.exp(-d2 / (2 * np.maximum(fr, 1e-3) ** 2))
-        tail = np.exp(-((X - g["fx"][:, j, None, None]) ** 2) / (2 * 0.04**2) - np.abs(dz) / 0.12)
-        amp = g["f_amp"][:, j, None, None]
-        spec = np.maximum(spec, amp * np.maximum(blob, 0.6 * g["f_tail"][:, j, None, None] * tail * (dz > 0)))
-        alpha += g["f_shadow"][:, j, None, None] / (1.6 * np.maximum(fr, 1e-3)) * blob
+        if not bool((g["f_amp"][:, j] > 0).any()):
+            continue
+        fr = _col(g, "f_r", j).clamp_min(1e-3)
+        dx, dz = X - _col(g, "fx", j), Z - _col(g, "fz", j)
+        blob = torch.exp(-(((dx * dx + dz * dz) / (2 * fr * fr)) ** 2))  # flat-topped, crisp
+        if bool((g["f_tail"][:, j] > 0).any()):  # comet tail: a short fading streak below
+            tail = torch.exp(-(dx * dx) / (2 * 0.04**2) - dz.abs() / 0.12) * (dz > 0)
+            blob = torch.maximum(blob, 0.6 * _col(g, "f_tail", j) * tail)
+        spec = torch.maximum(spec, _col(g, "f_amp", j) * blob)
+        alpha += _col(g, "f_shadow", j) / (1.6 * fr) * blob
     return E, alpha, spec
 
 
-def _smooth_noise(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, n: int, size: int) -> torch.Tensor:
     """Two channels of unit-variance low-frequency noise: tissue heterogeneity, nodule texture."""
     coarse = torch.from_numpy(rng.standard_normal((n, 2, 7, 7)).astype(_F32))
-    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).numpy()
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
 
 
 # --------------------------------------------------------------------------------------------
 # Imaging chain
 
 
-@lru_cache(maxsize=32)
-def _psf_norm(sig_r: float, sig_c: float) -> float:
-    """RMS gain of the PSF filter on white noise, so tissue of power 1 has mean envelope^2 = 1."""
-    delta = np.zeros((65, 65))
-    delta[32, 32] = 1.0
-    return float(np.sqrt((gaussian_filter(delta, (sig_r, sig_c), mode="constant") ** 2).sum()))
+@lru_cache(maxsize=64)
+def _kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(3.0 * sigma + 0.5))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / max(sigma, 1e-6)) ** 2)
+    return torch.from_numpy((k / k.sum()).astype(_F32))
+
+
+def _gaussian_blur(x: torch.Tensor, sig_r: float, sig_c: float, mode: str) -> torch.Tensor:
+    """Separable Gaussian blur of (N, H, W) over H (sig_r) and W (sig_c), edge ``mode``."""
+    y = x[:, None]
+    for sigma, vertical in ((sig_r, True), (sig_c, False)):
+        k = _kernel(sigma)
+        r = (len(k) - 1) // 2
+        pad = (0, 0, r, r) if vertical else (r, r, 0, 0)
+        weight = k.view(1, 1, -1, 1) if vertical else k.view(1, 1, 1, -1)
+        y = F.conv2d(F.pad(y, pad, mode=mode), weight)
+    return y[:, 0]
 
 
 def _render_chunk(
@@ -276,36 +295,40 @@ def _render_chunk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images (uint8, B x H x W, before JPEG) and masks of one chunk of cases."""
     grid = _grids(p.probe, size)
-    gb = {k: (v[:, None, None] if v.ndim == 1 else v).astype(_F32) for k, v in g.items()}
+    gb = {k: torch.from_numpy((v[:, None, None] if v.ndim == 1 else v).astype(_F32))
+          for k, v in g.items()}  # fmt: skip
     n = len(g["nx"])
     E, alpha, spec = _anatomy(grid, gb, _smooth_noise(rng, n, size))
 
     k = size / 64.0
     sig_r, sig_c = 0.45 * p.speckle_grain * k, 0.8 * p.speckle_grain * k
-    field = np.sqrt(E) * rng.standard_normal((2, n, size, size), dtype=_F32)
-    field = gaussian_filter(field, (0, 0, sig_r, sig_c), mode="reflect", truncate=3.0)
-    env = np.hypot(field[0], field[1]) / (np.sqrt(2.0) * _psf_norm(sig_r, sig_c))
-    env *= np.exp(-np.cumsum(alpha * grid["step"], axis=1))  # along the beam
-    falloff = 10.0 ** (-p.attenuation_db * grid["depth"] / 20.0)
-    env = np.maximum(env, spec) * falloff
-    env = np.hypot(env, 0.01 * rng.rayleigh(size=env.shape).astype(_F32))  # electronic noise floor
+    # Two-look compounding (two complex speckle realisations averaged in intensity), as modern
+    # scanners do: it softens the black speckle nulls that single-look log images show.
+    white = torch.from_numpy(rng.standard_normal((4 * n, size, size), dtype=_F32))
+    field = _gaussian_blur(white * E.sqrt().repeat(4, 1, 1), sig_r, sig_c, "reflect")
+    norm = float(2.0 * (_kernel(sig_r) ** 2).sum().sqrt() * (_kernel(sig_c) ** 2).sum().sqrt())
+    env = (field**2).view(4, n, size, size).sum(0).sqrt_() / norm
+    env *= torch.exp(-torch.cumsum(alpha * grid["step"], dim=1))  # integrated along the beam
+    falloff = torch.pow(10.0, -p.attenuation_db * grid["depth"] / 20.0)
+    env = torch.maximum(env, spec) * falloff
+    floor = torch.from_numpy(rng.rayleigh(size=(n, size, size)).astype(_F32))
+    env = torch.hypot(env, 0.01 * floor)  # electronic noise floor
 
-    db = 20.0 * np.log10(env + 1e-6) + p.gain - 20.0
-    img = np.clip((db + p.dynamic_range_db) / p.dynamic_range_db, 0.0, 1.0) ** p.gamma
+    db = 20.0 * torch.log10(env + 1e-6) + (p.gain - 20.0)
+    img = ((db + p.dynamic_range_db) / p.dynamic_range_db).clamp_(0.0, 1.0) ** p.gamma
     if p.probe == "sector":  # scan conversion: polar acquisition -> Cartesian display
-        grid_t = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grid["sample"], (n, size, size, 2))))
-        img = F.grid_sample(torch.from_numpy(img[:, None]), grid_t, mode="bilinear",
-                            padding_mode="border", align_corners=False)[:, 0].numpy()  # fmt: skip
+        img = F.grid_sample(img[:, None], grid["sample"].expand(n, -1, -1, -1), mode="bilinear",
+                            padding_mode="border", align_corners=False)[:, 0]  # fmt: skip
     img = img * grid["foot"]
     if p.blur > 0:
-        img = gaussian_filter(img, (0, p.blur * k, p.blur * k), mode="nearest")
+        img = _gaussian_blur(img, p.blur * k, p.blur * k, "replicate")
     if p.resolution < 1.0:
         low = max(8, round(size * p.resolution))
-        t = F.interpolate(torch.from_numpy(img[:, None]), size=(low, low), mode="area")
-        img = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
-    images = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+        t = F.interpolate(img[:, None], size=(low, low), mode="area")
+        img = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    images = (img * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
     sd, _, _ = _nodule(grid["Xd"], grid["Zd"], gb)
-    masks = ((sd < 0) & grid["foot"]).astype(np.uint8)
+    masks = ((sd < 0) & grid["foot"]).to(torch.uint8).numpy()
     return images, masks
 
 

@@ -121,7 +121,7 @@ DEFAULT_SITES: tuple[SiteProfile, ...] = (
     SiteProfile("site1", 850, 1650, "linear", gain=0.0, dynamic_range_db=50, gamma=1.0,
                 speckle_grain=0.8, attenuation_db=6, text_overlay=True, overlay_text="THY",
                 jpeg_quality=92, suspicion=0.2, description="academic centre, high-end linear"),
-    SiteProfile("site2", 798, 1102, "linear", gain=4.0, dynamic_range_db=55, gamma=0.85,
+    SiteProfile("site2", 798, 1102, "linear", gain=4.0, dynamic_range_db=52, gamma=0.9,
                 speckle_grain=1.1, blur=0.4, attenuation_db=8, jpeg_quality=None,
                 suspicion=-0.1, description="bright presets, lossless DICOM export"),
     SiteProfile("site3", 450, 1050, "sector", gain=-2.0, dynamic_range_db=45, gamma=1.1,
@@ -227,7 +227,7 @@ def sample_site_cases(
 N_HARMONICS = 8  # boundary harmonics k = 2..9
 N_BLOBS = 3  # cystic spaces of a mixed nodule
 N_FOCI = 6  # echogenic foci per nodule (at most)
-ECHO_POWER = np.array([0.004, 2.2, 0.85, 0.25, 0.07])  # relative to thyroid parenchyma
+ECHO_POWER = np.array([0.004, 2.5, 0.5, 0.2, 0.06])  # relative to thyroid parenchyma
 
 
 def sample_geometry(
@@ -277,7 +277,7 @@ def sample_geometry(
     g["coef_re"], g["coef_im"] = coef.real, coef.imag
 
     g["level"] = ECHO_POWER[echo] * np.exp(rng.normal(0.0, 0.12, n))
-    g["texture"] = u(0.1, 0.35)
+    g["texture"] = np.where(echo == 2, u(0.35, 0.6), u(0.1, 0.35))  # iso: coarser
     g["halo"] = ((echo == 1) | (echo == 2)) & (margin == 0) & (rng.random(n) < 0.7)
     g["wall"] = np.select([comp == 0, comp == 1], [1.0, 0.5], 0.0)
     g["alpha_in"] = np.select([comp == 0, comp == 1, echo == 4], [-0.9, -0.4, 0.3], 0.0)
@@ -296,17 +296,17 @@ def sample_geometry(
     g["fz"] = g["nz"][:, None] + du * s + dv * c
     count = np.select([foci == 3, foci == 2, foci == 1], [rng.integers(2, 7, n), 1, rng.integers(1, 3, n)], 0)
     on = np.arange(N_FOCI)[None, :] < count[:, None]
-    g["f_r"] = np.select([foci == 2, foci == 1], [u(0.13, 0.2), np.full(n, 0.06)], 0.075)[:, None] * on
+    g["f_r"] = np.select([foci == 2, foci == 1], [u(0.1, 0.15), np.full(n, 0.06)], 0.075)[:, None] * on
     g["f_amp"] = np.select([foci == 2, foci == 1], [u(5, 7), u(3, 4)], u(4, 7))[:, None] * on
-    g["f_shadow"] = np.select([foci == 2, foci == 3], [np.full(n, 3.0), np.full(n, 0.25)], 0.0)[:, None] * on
+    g["f_shadow"] = np.select([foci == 2, foci == 3], [np.full(n, 2.0), np.full(n, 0.25)], 0.0)[:, None] * on
     g["f_tail"] = (foci == 1).astype(float)[:, None] * on
 
     g["het"] = u(0.08, 0.3)
     g["fat_bottom"], g["strap_bottom"] = u(0.25, 0.4), u(0.75, 1.0)
     g["cx"] = g["tx"] + g["side"] * (g["ta"] + 0.5)
     g["cz"], g["rc"] = g["tz"] + u(-0.1, 0.2), u(0.28, 0.4)
-    g["rq"] = u(0.75, 0.95)
-    g["qx"] = g["tx"] - g["side"] * (g["ta"] + 0.55 * g["rq"])
+    g["rq"] = u(0.6, 0.8)
+    g["qx"] = g["tx"] - g["side"] * (g["ta"] + 0.5 * g["rq"])
     g["qz"] = g["tz"] - 0.1 + 0.4 * g["rq"]
     g["focus_depth"], g["frame"] = u(1.2, 2.6), rng.integers(0, 100, n).astype(float)
     return {k: np.asarray(v, dtype=np.float64) for k, v in g.items()}

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from medfed.algorithms import STRATEGIES
+from medfed.config import ConfigError, build_config, config_hash, load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_validates(path):
+    load_config(path)
+
+
+def test_defaults_and_overrides_parse_yaml_scalars():
+    c = build_config(
+        {},
+        [
+            "federation.rounds=3",
+            "train.augment=false",
+            "train.lr=1e-3",
+            "faults=[{site: a, kind: nan}]",
+        ],
+    )
+    assert c.federation.rounds == 3 and c.train.augment is False and c.train.lr == 1e-3
+    assert c.faults[0].site == "a"
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["federation.roundz=3"], "federation.roundz: unknown key"),
+        (["federation.rounds=abc"], "federation.rounds: Input should be a valid integer"),
+        (["federation.strategy.name=fedavgg"], "unknown strategy 'fedavgg'; allowed: "),
+        (
+            ["federation.strategy.name=fedprox", "federation.strategy.options.mue=0.1"],
+            "options for strategy 'fedprox': mue: unknown key",
+        ),
+        (["model.name=medfed:resnet9000"], "unknown model 'medfed:resnet9000'; allowed: "),
+        (["train.lr=-1"], "train.lr: Input should be greater than 0"),
+        (["paradigm=pooled"], "paradigm: Input should be 'federated', 'centralized' or 'local'"),
+        (["device=tpu"], "device must be"),
+        (["federation.rounds"], "--set expects KEY=VALUE"),
+    ],
+)
+def test_errors_name_the_field_and_allowed_values(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        build_config({}, overrides)
+    assert needle in str(err.value)
+
+
+def test_unknown_strategy_lists_every_registered_name():
+    with pytest.raises(ConfigError) as err:
+        build_config({}, ["federation.strategy.name=nope"])
+    for name in STRATEGIES.names():
+        assert name in str(err.value)
+
+
+def test_hash_is_canonical(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("seed: 1\nfederation:\n  rounds: 4\n  fraction: 1.0\n")
+    b.write_text("federation:\n  fraction: 1\n  rounds: 4\nseed: 1\n")
+    assert config_hash(load_config(a)) == config_hash(load_config(b))
+    assert config_hash(load_config(a)) != config_hash(load_config(a, ["seed=2"]))
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_parse_overrides_never_evaluates():
+    assert parse_overrides(["a=__import__('os')"]) == [("a", "__import__('os')")]

@@ -62,6 +62,7 @@ def medfed_run(fed: Federation) -> tuple[float, float]:
             f"train.lr={LR}",
             "train.momentum=0",
             "train.augment=false",
+            "train.normalize=fixed",
             "device=cpu",
             f"seed={SEED}",
         ],

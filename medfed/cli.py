@@ -102,7 +102,6 @@ def _ultrasound_options(
 def _cmd_data(args: argparse.Namespace) -> int:
     from medfed.data.synthetic.preview import write_preview
     from medfed.data.synthetic.ultrasound import synthesize_federation
-    from medfed.engine import default_cache_dir
 
     if args.data_command == "synth":
         opts = _ultrasound_options(None, args.overrides, prefix="data.ultrasound.")
@@ -130,7 +129,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         )
         return 0
     opts = _ultrasound_options(args.config, args.overrides, prefix="data.ultrasound.")
-    fed = synthesize_federation(opts, cache_dir=default_cache_dir())
+    fed = synthesize_federation(opts, cache_dir=None)
     path = write_preview(fed, Path(args.out), per_site=args.per_site)
     console.print(f"[green]wrote[/] {path}")
     return 0

@@ -38,7 +38,9 @@ class DataConfig(_Section):
     source: DataSource = DataSource.SYNTHETIC_ULTRASOUND
     ultrasound: UltrasoundOptions = Field(default_factory=UltrasoundOptions)
     cache_dir: str | None = Field(
-        None, description="where generated federations are cached; default ~/.cache/medfed"
+        None,
+        description="where generated federations are cached; default $MEDFED_CACHE_DIR or "
+        "~/.cache/medfed",
     )
 
 

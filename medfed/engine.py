@@ -8,7 +8,6 @@ that dies resumes from its last completed round and ends bit-identical to one th
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,15 +46,11 @@ class RunResult:
     final_params: Params
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MEDFED_CACHE", Path.home() / ".cache" / "medfed"))
-
-
 def build_federation(config: RunConfig) -> Federation:
     from medfed.data.synthetic.ultrasound import synthesize_federation
 
-    cache = config.data.cache_dir or default_cache_dir()
-    return synthesize_federation(config.data.ultrasound, cache_dir=cache)
+    # cache_dir None -> $MEDFED_CACHE_DIR or ~/.cache/medfed (the generator decides, in one place)
+    return synthesize_federation(config.data.ultrasound, cache_dir=config.data.cache_dir)
 
 
 def build_model(config: RunConfig, federation: Federation) -> nn.Module:
@@ -80,6 +75,7 @@ def evaluate(
     *,
     device: torch.device,
     batch_size: int,
+    normalize: str,
 ) -> tuple[float, float, dict[str, dict[str, float]]]:
     """Pooled and per-site internal validation; each site scores with the model it would use."""
     labels, probas, per_site = [], [], {}
@@ -88,7 +84,9 @@ def evaluate(
             continue
         params = algorithm.personalize(global_params, client_states.get(site.name, {}))
         load_params(model, params, device)
-        proba = predict_proba(model, site.val, device=device, batch_size=batch_size)
+        proba = predict_proba(
+            model, site.val, device=device, batch_size=batch_size, normalize=normalize
+        )
         y = site.val.labels.numpy()
         per_site[site.name] = {
             "auc": multiclass_auc(y, proba),
@@ -102,12 +100,20 @@ def evaluate(
 
 
 def _evaluate_external(
-    model: nn.Module, params: Params, site: Site | None, *, device: torch.device, batch_size: int
+    model: nn.Module,
+    params: Params,
+    site: Site | None,
+    *,
+    device: torch.device,
+    batch_size: int,
+    normalize: str,
 ) -> tuple[float | None, float | None]:
     if site is None or len(site.val) == 0:
         return None, None
     load_params(model, params, device)
-    proba = predict_proba(model, site.val, device=device, batch_size=batch_size)
+    proba = predict_proba(
+        model, site.val, device=device, batch_size=batch_size, normalize=normalize
+    )
     y = site.val.labels.numpy()
     return multiclass_auc(y, proba), accuracy(y, proba)
 
@@ -227,9 +233,15 @@ def _train_rounds(
             eval_sites,
             device=device,
             batch_size=config.train.eval_batch_size,
+            normalize=config.train.normalize,
         )
         ext_auc, ext_acc = _evaluate_external(
-            model, global_params, external, device=device, batch_size=config.train.eval_batch_size
+            model,
+            global_params,
+            external,
+            device=device,
+            batch_size=config.train.eval_batch_size,
+            normalize=config.train.normalize,
         )
         record = RoundRecord(
             round=r,

@@ -85,7 +85,7 @@ def test_resume_of_a_non_run_dir_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_data_synth_and_preview(tmp_path, capsys):
+def test_data_synth_and_preview(tmp_path, monkeypatch):
     out = tmp_path / "us"
     sets = ["--set", "scale=0.02", "--set", "num_sites=2", "--set", "image_size=32"]
     assert main(["data", "synth", "ultrasound", "--out", str(out), *sets]) == 0
@@ -93,11 +93,9 @@ def test_data_synth_and_preview(tmp_path, capsys):
     assert set(manifest["sites"]) >= {"site1", "site2"}
     assert list(out.rglob("*.npz")) and (out / "preview.png").stat().st_size > 0
     png = tmp_path / "p.png"
-    os.environ["MEDFED_CACHE"] = str(tmp_path / "cache")
-    try:
-        assert main(["data", "preview", "--out", str(png), *sets]) == 0
-    finally:
-        del os.environ["MEDFED_CACHE"]
+    monkeypatch.setenv("MEDFED_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["data", "preview", "--out", str(png), *sets]) == 0
+    assert list((tmp_path / "cache").rglob("*.npz"))  # the preview went through the cache
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

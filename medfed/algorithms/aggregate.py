@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from medfed.types import Params, ParamKind, Update
+from medfed.types import ParamKind, Params, Update
 
 COMPUTE_DTYPE = torch.float64
 
@@ -87,7 +87,9 @@ def _check_same_structure(params_list: Sequence[Mapping[str, torch.Tensor]]) -> 
     return keys
 
 
-def _like_for(params_list: Sequence[Params], like: Params | None) -> Mapping[str, torch.Tensor]:
+def _like_for(
+    params_list: Sequence[Params], like: Mapping[str, torch.Tensor] | None
+) -> Mapping[str, torch.Tensor]:
     return params_list[0] if like is None else like
 
 
@@ -114,7 +116,10 @@ def _weighted_mean64(params_list: Sequence[Params], weights: Sequence[float]) ->
 
 
 def weighted_mean(
-    params_list: Sequence[Params], weights: Sequence[float], *, like: Params | None = None
+    params_list: Sequence[Params],
+    weights: Sequence[float],
+    *,
+    like: Mapping[str, torch.Tensor] | None = None,
 ) -> Params:
     """sum_i w_i x_i / sum_i w_i per tensor -- FedAvg with ``w_i = num_examples``.
 
@@ -130,7 +135,9 @@ def _sorted_stack(params_list: Sequence[Params], key: str) -> torch.Tensor:
     return torch.sort(stacked, dim=0).values
 
 
-def coordinate_median(params_list: Sequence[Params], *, like: Params | None = None) -> Params:
+def coordinate_median(
+    params_list: Sequence[Params], *, like: Mapping[str, torch.Tensor] | None = None
+) -> Params:
     """Per-coordinate median; for even n the mean of the two middle values (as ``np.median``).
 
     ``torch.median`` returns the lower middle value instead, so it is not used.
@@ -239,7 +246,7 @@ def krum_select(
     num_malicious: int,
     num_selected: int = 1,
     weights: Sequence[float] | None = None,
-    like: Params | None = None,
+    like: Mapping[str, torch.Tensor] | None = None,
 ) -> Params:
     """Krum (``num_selected == 1``: the best-scored set itself) or multi-Krum (the mean of the
     ``num_selected`` best).
@@ -290,7 +297,7 @@ def merge(global_params: Params, partial: Mapping[str, torch.Tensor]) -> Params:
     unknown = set(partial) - set(global_params)
     if unknown:
         raise ValueError(f"keys not in the global params: {sorted(unknown)[:5]}")
-    return {k: partial[k] if k in partial else v for k, v in global_params.items()}
+    return {k: partial.get(k, v) for k, v in global_params.items()}
 
 
 def prepare_updates(

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from medfed.client.train import TrainOptions, TrainResult, train_local
 from medfed.data.site import ArrayDataset
-from medfed.types import Buffers, ClientState, Params, ParamKind, StrategyState, Update
+from medfed.types import Buffers, ClientState, ParamKind, Params, StrategyState, Update
 
 
 @dataclass(frozen=True)

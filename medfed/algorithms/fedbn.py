@@ -50,7 +50,7 @@ class FedBNOptions(BaseModel):
 def with_local_norm(global_params: Params, client_state: ClientState) -> Params:
     """Global params with the site's own BN entries swapped in (global order and key set)."""
     own = client_state.get(LOCAL_BN, {})
-    return {k: own[k] if k in own else v for k, v in global_params.items()}
+    return {k: own.get(k, v) for k, v in global_params.items()}
 
 
 class FedBN(AlgorithmBase):

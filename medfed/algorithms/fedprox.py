@@ -9,15 +9,25 @@ The server half is FedAvg's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from medfed.algorithms.base import LocalResult, LocalTask, load_params, weights_update
-from medfed.algorithms.fedavg import FedAvg
+from medfed.algorithms.base import (
+    AlgorithmBase,
+    LocalResult,
+    LocalTask,
+    load_params,
+    weights_update,
+)
+from medfed.algorithms.fedavg import fedavg_aggregate
 from medfed.algorithms.registry import STRATEGIES
 from medfed.client.train import LossTerm, TrainOptions, train_local
 from medfed.data.site import ArrayDataset
+from medfed.types import Params, StrategyState, Update
 
 
 class FedProxOptions(BaseModel):
@@ -42,11 +52,23 @@ def proximal_term(model: nn.Module, mu: float) -> LossTerm:
     return term
 
 
-class FedProx(FedAvg):
+class FedProx(AlgorithmBase):
     name = "fedprox"
+    preserves_consensus = True
 
-    def __init__(self, options: FedProxOptions | None = None) -> None:  # type: ignore[override]
+    def __init__(self, options: FedProxOptions | None = None) -> None:
         self.options = options or FedProxOptions()
+
+    def aggregate(
+        self,
+        global_params: Params,
+        updates: Sequence[Update],
+        state: StrategyState,
+        *,
+        round_idx: int,
+    ) -> tuple[Params, StrategyState]:
+        new = fedavg_aggregate(global_params, updates, self.uploaded_keys())
+        return new, replace(state, round=state.round + 1)
 
     def local_update(
         self,
@@ -60,9 +82,7 @@ class FedProx(FedAvg):
     ) -> LocalResult:
         load_params(model, task.global_params, device)
         term = proximal_term(model, self.options.mu) if self.options.mu > 0 else None
-        result = train_local(
-            model, data, opts, generator=generator, device=device, loss_term=term
-        )
+        result = train_local(model, data, opts, generator=generator, device=device, loss_term=term)
         return LocalResult(weights_update(task.site, model, result))
 
 

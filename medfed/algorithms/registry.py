@@ -13,9 +13,7 @@ from medfed.registry import Registry
 STRATEGIES: Registry[Algorithm] = Registry("strategy")
 
 
-def create_strategy(
-    name: str, options: BaseModel | Mapping[str, Any] | None = None
-) -> Algorithm:
+def create_strategy(name: str, options: BaseModel | Mapping[str, Any] | None = None) -> Algorithm:
     """Build a registered strategy; unknown names and unknown/invalid options raise."""
     import medfed.algorithms  # noqa: F401  (importing the package registers every algorithm)
 

@@ -43,6 +43,11 @@ class TrainOptions(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     augment: bool = True
+    normalize: Literal["per_image", "fixed"] = Field(
+        "per_image",
+        description="per_image: z-score each image (removes scanner gain/contrast at every site, "
+        "sharing no statistics); fixed: (x/255 - 0.5) / 0.25",
+    )
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
     channels_last: bool = Field(True, description="on CUDA only")
     eval_batch_size: int = Field(256, ge=1)
@@ -62,9 +67,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> normalised float on ``device``."""
+def to_input(
+    images: torch.Tensor, device: torch.device, *, normalize: str = "fixed"
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float on ``device``.
+
+    ``per_image`` standardises each image by its own mean and std: hospitals' scanners differ in
+    gain and contrast, and a per-image z-score removes that without any site sharing statistics.
+    """
     x = images.to(device, non_blocking=True).float().div_(255.0)
+    if normalize == "per_image":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min_(1.0 / 255.0)
+        return x.sub_(mean).div_(std)
     return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
 
@@ -122,7 +137,7 @@ def train_local(
     for _ in range(opts.epochs):
         for idx in batches(len(data), opts.batch_size, generator=generator, shuffle=True):
             idx_d = idx.to(device)
-            x = to_input(images[idx_d], device)
+            x = to_input(images[idx_d], device, normalize=opts.normalize)
             y = labels[idx_d]
             if opts.augment:
                 flip = torch.rand(len(idx), generator=generator) < 0.5
@@ -158,12 +173,13 @@ def predict_proba(
     device: torch.device,
     batch_size: int = 256,
     amp: bool = True,
+    normalize: str = "per_image",
 ) -> np.ndarray:
     """Softmax probabilities (N, num_classes) in eval mode."""
     model.eval()
     out = []
     for idx in batches(len(data), batch_size, generator=None, shuffle=False):
-        x = to_input(data.images[idx], device)
+        x = to_input(data.images[idx], device, normalize=normalize)
         with _autocast(device, amp):
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu())

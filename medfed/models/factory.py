@@ -34,14 +34,21 @@ class SmallCNN(nn.Module):
     ultrasound. BatchNorm is deliberate: it makes FedBN meaningful and mirrors the reference CNNs.
     """
 
-    def __init__(self, *, in_chans: int, num_classes: int, width: int = 16) -> None:
+    def __init__(
+        self, *, in_chans: int, num_classes: int, width: int = 16, norm: str = "batch"
+    ) -> None:
         super().__init__()
         chans = [width, 2 * width, 4 * width, 8 * width]
+
+        def norm_layer(c: int) -> nn.Module:
+            # GroupNorm normalises each image on its own, so no statistic depends on which site
+            # a batch came from: the usual cure for BatchNorm's trouble under non-IID sites.
+            return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(max(1, c // 8), c)
 
         def block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
             return [
                 nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
+                norm_layer(cout),
                 nn.ReLU(inplace=True),
             ]
 
@@ -76,6 +83,11 @@ class TinyCNN(nn.Module):
 @BUILTIN.register("smallcnn")
 def _smallcnn(*, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
     return SmallCNN(in_chans=in_chans, num_classes=num_classes)
+
+
+@BUILTIN.register("smallcnn_gn")
+def _smallcnn_gn(*, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
+    return SmallCNN(in_chans=in_chans, num_classes=num_classes, norm="group")
 
 
 @BUILTIN.register("tinycnn")

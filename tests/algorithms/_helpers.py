@@ -11,7 +11,7 @@ from torch import nn
 from medfed.algorithms import Algorithm, FederationContext
 from medfed.algorithms.scaffold import DELTA_CONTROL
 from medfed.data.site import ArrayDataset
-from medfed.types import Params, ParamKind, Update
+from medfed.types import ParamKind, Params, Update
 
 CPU = torch.device("cpu")
 
@@ -76,9 +76,11 @@ def global_of(model: nn.Module, seed: int = 1) -> Params:
     for k, v in model.state_dict().items():
         if v.is_floating_point():
             noise = torch.randn(v.shape, generator=g, dtype=torch.float64)
-            out[k] = (v.double() + 0.1 * noise).abs().to(v.dtype) if "var" in k else (
-                v.double() + 0.1 * noise
-            ).to(v.dtype)
+            out[k] = (
+                (v.double() + 0.1 * noise).abs().to(v.dtype)
+                if "var" in k
+                else (v.double() + 0.1 * noise).to(v.dtype)
+            )
         else:
             out[k] = torch.randint(0, 50, v.shape, generator=g, dtype=v.dtype)
     return out

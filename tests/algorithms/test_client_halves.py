@@ -17,7 +17,14 @@ from medfed.algorithms.scaffold import CLIENT_CONTROL, DELTA_CONTROL, SERVER_CON
 from medfed.client.train import TrainOptions, train_local
 from medfed.types import Params
 
-from ._helpers import CPU, TINY_CNN_BN_KEYS, assert_params_equal, context_for, tiny_cnn, tiny_dataset
+from ._helpers import (
+    CPU,
+    TINY_CNN_BN_KEYS,
+    assert_params_equal,
+    context_for,
+    tiny_cnn,
+    tiny_dataset,
+)
 
 OPTS = TrainOptions(epochs=2, batch_size=4, lr=0.05, momentum=0.0)
 TRAINABLE = ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "head.weight", "head.bias"]
@@ -27,8 +34,13 @@ def gen(seed: int = 7) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def run(name: str, task: LocalTask, opts: TrainOptions = OPTS, options: dict | None = None,
-        seed: int = 7):
+def run(
+    name: str,
+    task: LocalTask,
+    opts: TrainOptions = OPTS,
+    options: dict | None = None,
+    seed: int = 7,
+):
     algo = create_strategy(name, options or {})
     model = tiny_cnn(123)  # the worker model: its own weights must not matter
     return algo.local_update(model, task, tiny_dataset(), opts, generator=gen(seed), device=CPU)
@@ -141,8 +153,11 @@ def test_scaffold_rejects_adam_and_missing_control() -> None:
     x = global_params()
     c = {k: torch.zeros_like(x[k]) for k in TRAINABLE}
     with pytest.raises(ValueError):
-        run("scaffold", LocalTask("a", 0, x, payload={SERVER_CONTROL: c}),
-            opts=OPTS.model_copy(update={"optimizer": "adam"}))
+        run(
+            "scaffold",
+            LocalTask("a", 0, x, payload={SERVER_CONTROL: c}),
+            opts=OPTS.model_copy(update={"optimizer": "adam"}),
+        )
     with pytest.raises(ValueError):
         run("scaffold", LocalTask("a", 0, x))
 
@@ -153,13 +168,17 @@ def test_scaffold_server_step_by_hand() -> None:
     algo = create_strategy("scaffold", {"server_lr": 0.5, "weighting": "uniform"})
     state = algo.init(x, context=context_for(model, n_sites=4))
     assert set(algo.payload(state)[SERVER_CONTROL]) == set(TRAINABLE)
-    ys = [{k: v + float(i + 1) if v.is_floating_point() else v + 2 * (i + 1) for k, v in x.items()}
-          for i in range(2)]
+    ys = [
+        {k: v + float(i + 1) if v.is_floating_point() else v + 2 * (i + 1) for k, v in x.items()}
+        for i in range(2)
+    ]
     dcs = [{k: torch.full_like(x[k], float(i + 1)) for k in TRAINABLE} for i in range(2)]
     from medfed.types import ParamKind, Update
 
-    ups = [Update(f"s{i}", ys[i], ParamKind.WEIGHTS, 10 * (i + 1), extras={DELTA_CONTROL: dcs[i]})
-           for i in range(2)]
+    ups = [
+        Update(f"s{i}", ys[i], ParamKind.WEIGHTS, 10 * (i + 1), extras={DELTA_CONTROL: dcs[i]})
+        for i in range(2)
+    ]
     new, state = algo.aggregate(x, ups, state, round_idx=1)
     for k in TRAINABLE:  # x + 0.5 * mean(+1, +2) = x + 0.75
         torch.testing.assert_close(new[k], x[k] + 0.75)
@@ -216,8 +235,9 @@ def test_fedbn_site_keeps_what_it_trained_and_starts_from_it(monkeypatch) -> Non
 
     monkeypatch.setattr(fedbn_module, "train_local", spy)
     r2 = run("fedbn", LocalTask("a", 1, g1, client_state=r1.client_state))
-    expected = {k: r1.client_state[LOCAL_BN][k] if k in TINY_CNN_BN_KEYS else v
-                for k, v in g1.items()}
+    expected = {
+        k: r1.client_state[LOCAL_BN][k] if k in TINY_CNN_BN_KEYS else v for k, v in g1.items()
+    }
     assert_params_equal(seen["start"], expected)
     assert int(r2.client_state[LOCAL_BN]["bn.num_batches_tracked"]) == 16  # 8 + 8 steps
 
@@ -240,5 +260,7 @@ def test_fedbn_finds_norm_layers_by_type_not_name() -> None:
     algo = create_strategy("fedbn")
     algo.init(g, context=context_for(model))
     local = frozenset(g) - algo.uploaded_keys()
-    assert local == {f"features.1.{s}" for s in
-                     ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert local == {
+        f"features.1.{s}"
+        for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    }

@@ -11,7 +11,7 @@ from torch import nn
 
 from medfed.algorithms import create_strategy
 from medfed.algorithms.fedopt import Moment
-from medfed.types import Params, ParamKind, StrategyState, Update
+from medfed.types import ParamKind, Params, StrategyState, Update
 
 from ._helpers import TinyNet, context_for, global_of, to_numpy_list
 
@@ -39,7 +39,9 @@ def client_params(global_params: Params, seed: int) -> Params:
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("name", sorted(FLOWER))
-def test_fedopt_matches_flower_over_three_rounds(name: str, dtype: torch.dtype, rtol: float) -> None:
+def test_fedopt_matches_flower_over_three_rounds(
+    name: str, dtype: torch.dtype, rtol: float
+) -> None:
     model = mlp(dtype)
     keys = list(model.state_dict())
     global_params = {k: v.detach().clone() for k, v in model.state_dict().items()}

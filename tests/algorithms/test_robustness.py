@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from medfed.algorithms import create_strategy
-from medfed.types import Params, ParamKind, Update
+from medfed.types import ParamKind, Params, Update
 
 from ._helpers import context_for
 

@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from medfed.algorithms import STRATEGIES, Algorithm, create_strategy
-from medfed.types import Params, ParamKind, StrategyState
+from medfed.types import ParamKind, Params, StrategyState
 
 from ._helpers import (
     assert_params_equal,

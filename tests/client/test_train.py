@@ -14,7 +14,9 @@ def _model(seed=0):
 def test_matches_a_plain_pytorch_loop():
     """The engine's loop must do exactly the arithmetic of a textbook SGD loop."""
     data = make_site_data(50, size=16)
-    opts = TrainOptions(epochs=2, batch_size=8, lr=0.05, momentum=0.9, augment=False)
+    opts = TrainOptions(
+        epochs=2, batch_size=8, lr=0.05, momentum=0.9, augment=False, normalize="fixed"
+    )
     ours = _model()
     train_local(
         ours, data, opts, generator=torch.Generator().manual_seed(3), device=torch.device("cpu")
@@ -80,3 +82,13 @@ def test_max_steps_and_hooks():
 def test_to_input_fixed_normalisation():
     x = to_input(torch.tensor([[[[0, 255]]]], dtype=torch.uint8), torch.device("cpu"))
     assert torch.allclose(x, torch.tensor([[[[-2.0, 2.0]]]]))
+
+
+def test_to_input_per_image_removes_gain_and_contrast():
+    base = torch.tensor([[[[10, 20], [30, 40]]]], dtype=torch.uint8)
+    brighter = base * 2 + 50  # another scanner: different gain and offset
+    a = to_input(base, torch.device("cpu"), normalize="per_image")
+    b = to_input(brighter, torch.device("cpu"), normalize="per_image")
+    assert torch.allclose(a, b, atol=1e-5)
+    # hand check: values 10..40 -> mean 25, sample std 12.9099
+    assert torch.allclose(a.flatten(), (torch.tensor([10.0, 20, 30, 40]) - 25) / 12.909944)

@@ -37,6 +37,7 @@ import io
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
 from medfed.data.site import ArrayDataset, Federation, Site
@@ -55,23 +57,17 @@ from medfed.data.synthetic.ultrasound_sites import (
     DEFAULT_TEMPERATURE,
     ECHOGENICITY,
     FOCI,
-    LINEAR_HALF_WIDTH,
-    LINEAR_WINDOW,
     MARGIN,
     N_BLOBS,
-    N_FOCI,
     N_HARMONICS,
     SECTOR_APEX,
-    SECTOR_HALF_ANGLE,
-    SECTOR_R1,
-    SECTOR_WINDOW,
     SiteProfile,
     draw_overlay,
+    probe_grids,
     sample_geometry,
     sample_site_cases,
     site_seed,
 )
-
 
 __all__ = [
     "COMPOSITION",
@@ -90,9 +86,9 @@ __all__ = [
 ]
 
 #: Bump whenever the pixels or labels a given set of parameters produces change (invalidates caches).
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
-_PIXELS_PER_CHUNK = 1 << 21  # 512 cases at 64 px, 41 at 224 px: bounded memory, numpy-sized ops
+_PIXELS_PER_CHUNK = 1 << 19  # 128 cases at 64 px, 10 at 224 px: cache-friendly, bounded memory
 _EDGE = 0.025  # cm: width of soft tissue boundaries before the PSF blurs them further
 _F32 = np.float32
 
@@ -130,206 +126,210 @@ class UltrasoundOptions(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------
-# Grids
+# Anatomy
 
 
-@lru_cache(maxsize=16)
-def _grids(probe: str, size: int) -> dict[str, torch.Tensor]:
-    """Acquisition grid (rows = depth along the beam) and display grid, in cm, as (1, H, W).
-
-    Linear: acquisition grid = display grid. Sector: acquisition is (radius, angle) and the
-    display pixels look it up by scan conversion; outside the fan is black.
-    """
-    c = (np.arange(size, dtype=np.float64) + 0.5) / size
-    if probe == "linear":
-        x0, x1, z0, z1 = LINEAR_WINDOW
-        X, Z = np.meshgrid(x0 + (x1 - x0) * c, z0 + (z1 - z0) * c)
-        foot = (np.abs(X) <= LINEAR_HALF_WIDTH) & (Z >= 0.0)
-        g = {"X": X, "Z": Z, "D": np.maximum(Z, 0.0), "Xd": X, "Zd": Z, "foot": foot}
-        g["step"] = np.full((1, 1), (z1 - z0) / size)
-        g["depth"] = np.clip(Z / z1, 0.0, 1.0)
-    else:
-        r = SECTOR_APEX + (SECTOR_R1 - SECTOR_APEX) * c
-        th = SECTOR_HALF_ANGLE * (2.0 * c - 1.0)
-        R, TH = np.meshgrid(r, th, indexing="ij")
-        x0, x1, z0, z1 = SECTOR_WINDOW
-        Xd, Zd = np.meshgrid(x0 + (x1 - x0) * c, z0 + (z1 - z0) * c)
-        rd, thd = np.hypot(Xd, Zd + SECTOR_APEX), np.arctan2(Xd, Zd + SECTOR_APEX)
-        foot = (rd >= SECTOR_APEX) & (rd <= SECTOR_R1) & (np.abs(thd) <= SECTOR_HALF_ANGLE)
-        g = {"X": R * np.sin(TH), "Z": R * np.cos(TH) - SECTOR_APEX, "D": R - SECTOR_APEX}
-        g.update(Xd=Xd, Zd=Zd, foot=foot, step=np.full((1, 1), (SECTOR_R1 - SECTOR_APEX) / size))
-        g["depth"] = (R - SECTOR_APEX) / (SECTOR_R1 - SECTOR_APEX)
-        span = SECTOR_R1 - SECTOR_APEX
-        g["sample"] = np.stack([thd / SECTOR_HALF_ANGLE, 2 * (rd - SECTOR_APEX) / span - 1], -1)
-    return {k: torch.from_numpy(v.astype(_F32) if v.dtype == np.float64 else v)[None]
-            for k, v in g.items()}  # fmt: skip
+def _sig(x: np.ndarray) -> np.ndarray:
+    """Logistic function, in place on the (temporary) argument: 1/2 + tanh(x/2)/2."""
+    x *= 0.5
+    np.tanh(x, out=x)
+    x *= 0.5
+    x += 0.5
+    return x
 
 
-# --------------------------------------------------------------------------------------------
-# Anatomy (torch on CPU: the same maths as numpy, but multi-threaded and vectorised)
-
-_sig = torch.sigmoid
-
-
-def _blend(a: torch.Tensor, b: torch.Tensor | float, t: torch.Tensor) -> torch.Tensor:
+def _blend(a: np.ndarray, b: np.ndarray | float, t: np.ndarray) -> np.ndarray:
     return a + (b - a) * t
 
 
-def _gauss(x: torch.Tensor, width: float) -> torch.Tensor:
-    return torch.exp(-((x / width) ** 2))
+def _gauss(x: np.ndarray, width: float) -> np.ndarray:
+    return np.exp(-np.square(x * (1.0 / width)))
 
 
-def _col(g: dict[str, torch.Tensor], key: str, j: int) -> torch.Tensor:
+def _col(g: dict[str, np.ndarray], key: str, j: int) -> np.ndarray:
     return g[key][:, j, None, None]
 
 
-def _nodule(X: torch.Tensor, Z: torch.Tensor, g: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _nodule(X: np.ndarray, Z: np.ndarray, g: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """Signed distance (cm, negative inside) to the r(theta) boundary, and nodule-frame coords."""
     du, dv = X - g["nx"], Z - g["nz"]
     u = (du * g["cos_t"] + dv * g["sin_t"]) / g["na"]
     v = (dv * g["cos_t"] - du * g["sin_t"]) / g["nb"]
-    rho = torch.hypot(u, v)
-    inv = 1.0 / rho.clamp_min(1e-6)
+    rho = np.hypot(u, v)
+    inv = 1.0 / np.maximum(rho, 1e-6)
     c1, s1 = u * inv, v * inv  # cos, sin of theta; powers by the angle-addition recurrence
     ck, sk = c1 * c1 - s1 * s1, 2 * c1 * s1  # k = 2
-    radius = torch.ones_like(rho)
+    radius = np.ones_like(rho)
     for k in range(N_HARMONICS):
         radius += _col(g, "coef_re", k) * ck - _col(g, "coef_im", k) * sk  # Re(a_k e^{ik theta})
         ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
     return (rho - radius) * g["nr"], u, v
 
 
-def _anatomy(grid: dict[str, torch.Tensor], g: dict[str, torch.Tensor], noise: torch.Tensor):
-    """Echogenicity (power, thyroid = 1), excess attenuation (1/cm) and specular reflectors."""
+def _foci(
+    grid: dict[str, np.ndarray], g: dict[str, np.ndarray], shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Specular foci and their shadows, evaluated only in a small window around each focus.
+
+    Foci are tiny, so stamping them (gather the window's coordinates, evaluate, scatter-max)
+    costs a fraction of evaluating every focus over the whole image.
+    """
+    n, h, w = shape
+    spec, alpha = np.zeros(shape, _F32), np.zeros(shape, _F32)
+    b, j = np.nonzero(g["f_amp"] > 0)  # (case, focus) pairs that exist
+    if len(b) == 0:
+        return spec, alpha
+    fx, fz = g["fx"][b, j], g["fz"][b, j]
+    a0, da, c0, dc = grid["index"]
+    if "sample" in grid:  # sector: (row, col) = (radius, angle)
+        ra, ca = np.hypot(fx, fz + SECTOR_APEX), np.arctan2(fx, fz + SECTOR_APEX)
+        px = min(da, dc * 1.3)  # foci sit at least 0.3 cm deep: radius >= 1.3 cm
+    else:
+        ra, ca, px = fz, fx, min(da, dc)
+    row, col = np.rint((ra - a0) / da - 0.5).astype(int), np.rint((ca - c0) / dc - 0.5).astype(int)
+    half = int(np.ceil(0.3 / px)) + 1
+    down = int(np.ceil(0.45 / da)) + 1  # room for a comet tail below the focus
+    cols = np.arange(-half, half + 1)
+    rows = np.arange(-int(np.ceil(0.3 / da)) - 1, down + 1)
+    rr = row[:, None, None] + rows[None, :, None]
+    cc = col[:, None, None] + cols[None, None, :]
+    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    rr, cc = np.clip(rr, 0, h - 1), np.clip(cc, 0, w - 1)
+    X, Z = grid["X"][0][rr, cc], grid["Z"][0][rr, cc]
+    fr = np.maximum(g["f_r"][b, j], 1e-3)[:, None, None]
+    dx, dz = X - fx[:, None, None], Z - fz[:, None, None]
+    blob = np.exp(-np.square((dx * dx + dz * dz) / (2 * fr * fr)))  # flat-topped, crisp
+    tail = np.exp(-(dx * dx) / (2 * 0.04**2) - np.abs(dz) / 0.12) * (dz > 0)
+    blob = np.maximum(blob, 0.6 * g["f_tail"][b, j][:, None, None] * tail) * valid
+    flat = (b[:, None, None] * h + rr) * w + cc
+    np.maximum.at(spec.reshape(-1), flat.ravel(), (g["f_amp"][b, j][:, None, None] * blob).ravel())
+    np.add.at(
+        alpha.reshape(-1),
+        flat.ravel(),
+        (g["f_shadow"][b, j][:, None, None] / (1.6 * fr) * blob).ravel(),
+    )
+    return spec, alpha
+
+
+def _anatomy(
+    grid: dict[str, np.ndarray], g: dict[str, np.ndarray], noise: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Echogenicity (power, thyroid = 1), excess attenuation (1/cm), specular reflectors, and
+    the nodule's signed distance on the acquisition grid."""
     X, Z, D = grid["X"], grid["Z"], grid["D"]
     n0, n1 = noise[:, 0], noise[:, 1]
     fb, sb = g["fat_bottom"], g["strap_bottom"]
-    fibres = torch.cos(2 * np.pi * (D + 0.04 * torch.sin(2.5 * X + n1)) / 0.16)
-    E = 0.35 * torch.exp(0.35 * n0) * (1 + 0.3 * fibres)  # deep soft tissue
+    fibres = np.cos((2 * np.pi / 0.16) * (D + 0.04 * np.sin(2.5 * X + n1)))
+    E = 0.35 * np.exp(0.35 * n0) * (1 + 0.3 * fibres)  # deep soft tissue
     strap = 0.3 * (1 + 0.6 * fibres)
-    E = _blend(E, strap, _sig((sb - D) / _EDGE))
-    E = _blend(E, 0.6 * torch.exp(0.35 * n1), _sig((fb - D) / _EDGE))  # subcutaneous fat
-    E = _blend(E, 3.0, _sig((0.1 - D) / _EDGE))  # skin
-    d = torch.hypot(X - g["cx"], (Z - fb - 0.35) / 0.28)  # sternocleidomastoid
+    E = _blend(E, strap, _sig((sb - D) * (1 / _EDGE)))
+    E = _blend(E, 0.6 * np.exp(0.35 * n1), _sig((fb - D) * (1 / _EDGE)))  # subcutaneous fat
+    E = _blend(E, 3.0, _sig((0.1 - D) * (1 / _EDGE)))  # skin
+    d = np.hypot(X - g["cx"], (Z - fb - 0.35) * (1 / 0.28))  # sternocleidomastoid
     E = _blend(E, strap * 0.9, _sig((1 - d) * (0.28 / _EDGE)))
-    d = torch.hypot((X - g["tx"] + 0.3 * g["side"]) / 0.75, (Z - g["tz"] - g["tb"] - 0.3) / 0.3)
+    d = np.hypot(
+        (X - g["tx"] + 0.3 * g["side"]) * (1 / 0.75), (Z - g["tz"] - g["tb"] - 0.3) * (1 / 0.3)
+    )
     E = _blend(E, 0.3, _sig((1 - d) * (0.3 / _EDGE)))  # longus colli
 
-    mn = torch.minimum(g["ta"], g["tb"])
-    rl = torch.hypot((X - g["tx"]) / g["ta"], (Z - g["tz"]) / g["tb"])
-    E = _blend(E, torch.exp(g["het"] * n1), _sig((1 - rl) * mn / _EDGE))  # thyroid lobe
+    mn = np.minimum(g["ta"], g["tb"])
+    rl = np.hypot((X - g["tx"]) / g["ta"], (Z - g["tz"]) / g["tb"])
+    E = _blend(E, np.exp(g["het"] * n1), _sig((1 - rl) * mn / _EDGE))  # thyroid lobe
     E *= 1 + 1.2 * _gauss((rl - 1) * mn, 0.035)  # capsule
 
     sd, u, v = _nodule(X, Z, g)
-    cyst = torch.zeros_like(E)
+    cyst = np.zeros_like(E)
     for j in range(N_BLOBS):
-        db = torch.hypot(u - _col(g, "blob_u", j), v - _col(g, "blob_v", j))
+        db = np.hypot(u - _col(g, "blob_u", j), v - _col(g, "blob_v", j))
         blob = _col(g, "blob_on", j) * _sig((_col(g, "blob_r", j) - db) * g["nr"] / _EDGE)
-        cyst = torch.maximum(cyst, blob)
-    inner = _blend(g["level"] * torch.exp(-g["texture"] * n0), 0.004, cyst)
+        np.maximum(cyst, blob, out=cyst)
+    inner = _blend(g["level"] * np.exp(-g["texture"] * n0), 0.004, cyst)
     E *= 1 - 0.75 * g["halo"] * _gauss(sd - 0.04, 0.03)
     E *= 1 + 2.0 * g["wall"] * _gauss(sd, 0.03)
-    inside = _sig(-sd / (0.8 * _EDGE))
+    inside = _sig(sd * (-1 / (0.8 * _EDGE)))
     E = _blend(E, inner, inside)
-    alpha = inside * (g["alpha_in"] - 0.6 * cyst)
+    spec, alpha = _foci(grid, g, E.shape)
+    alpha += inside * (g["alpha_in"] - 0.6 * cyst)
 
-    d = torch.hypot(X - g["cx"], Z - g["cz"])  # carotid: anechoic lumen, bright wall, enhancement
-    lumen = _sig((g["rc"] - d) / _EDGE)
+    d = np.hypot(X - g["cx"], Z - g["cz"])  # carotid: anechoic lumen, bright wall, enhancement
+    lumen = _sig((g["rc"] - d) * (1 / _EDGE))
     E = _blend(E, 0.005, lumen) * (1 + 1.5 * _gauss(d - g["rc"], 0.04))
     alpha -= 0.6 * lumen
-    d = torch.hypot(X - g["qx"], Z - g["qz"])  # trachea: bright anterior wall, air shadow below
-    air = _sig((g["rq"] - d) / _EDGE)
-    depth_in = g["rq"] - d
+    depth_in = g["rq"] - np.hypot(X - g["qx"], Z - g["qz"])  # trachea
+    air = _sig(depth_in * (1 / _EDGE))
     reverb = sum(0.55**m * _gauss(depth_in - 0.3 * m, 0.06) for m in (1, 2, 3))
     E = _blend(E, 0.03 + 2.0 * reverb, air)  # reverberations: fading copies of the wall
-    E += 6.0 * _gauss(depth_in, 0.05) * (Z < g["qz"])
+    E += 6.0 * _gauss(depth_in, 0.05) * (g["qz"] - Z > 0)  # bright anterior wall
     alpha += 4.0 * air  # air: the shadow deepens down the lumen and stays dark behind it
-
-    spec = torch.zeros_like(E)
-    for j in range(N_FOCI):
-        if not bool((g["f_amp"][:, j] > 0).any()):
-            continue
-        fr = _col(g, "f_r", j).clamp_min(1e-3)
-        dx, dz = X - _col(g, "fx", j), Z - _col(g, "fz", j)
-        blob = torch.exp(-(((dx * dx + dz * dz) / (2 * fr * fr)) ** 2))  # flat-topped, crisp
-        if bool((g["f_tail"][:, j] > 0).any()):  # comet tail: a short fading streak below
-            tail = torch.exp(-(dx * dx) / (2 * 0.04**2) - dz.abs() / 0.12) * (dz > 0)
-            blob = torch.maximum(blob, 0.6 * _col(g, "f_tail", j) * tail)
-        spec = torch.maximum(spec, _col(g, "f_amp", j) * blob)
-        alpha += _col(g, "f_shadow", j) / (1.6 * fr) * blob
-    return E, alpha, spec
+    return E, alpha, spec, sd
 
 
-def _smooth_noise(rng: np.random.Generator, n: int, size: int) -> torch.Tensor:
+def _smooth_noise(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     """Two channels of unit-variance low-frequency noise: tissue heterogeneity, nodule texture."""
     coarse = torch.from_numpy(rng.standard_normal((n, 2, 7, 7)).astype(_F32))
-    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).numpy()
 
 
 # --------------------------------------------------------------------------------------------
 # Imaging chain
 
 
-@lru_cache(maxsize=64)
-def _kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(3.0 * sigma + 0.5))
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / max(sigma, 1e-6)) ** 2)
-    return torch.from_numpy((k / k.sum()).astype(_F32))
-
-
-def _gaussian_blur(x: torch.Tensor, sig_r: float, sig_c: float, mode: str) -> torch.Tensor:
-    """Separable Gaussian blur of (N, H, W) over H (sig_r) and W (sig_c), edge ``mode``."""
-    y = x[:, None]
-    for sigma, vertical in ((sig_r, True), (sig_c, False)):
-        k = _kernel(sigma)
-        r = (len(k) - 1) // 2
-        pad = (0, 0, r, r) if vertical else (r, r, 0, 0)
-        weight = k.view(1, 1, -1, 1) if vertical else k.view(1, 1, 1, -1)
-        y = F.conv2d(F.pad(y, pad, mode=mode), weight)
-    return y[:, 0]
+@lru_cache(maxsize=32)
+def _psf_norm(sig_r: float, sig_c: float) -> float:
+    """RMS gain of the PSF filter on white noise, so tissue of power 1 has mean envelope^2 = 1."""
+    delta = np.zeros((65, 65))
+    delta[32, 32] = 1.0
+    return float(np.sqrt((gaussian_filter(delta, (sig_r, sig_c), mode="constant") ** 2).sum()))
 
 
 def _render_chunk(
     p: SiteProfile, g: dict[str, np.ndarray], size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images (uint8, B x H x W, before JPEG) and masks of one chunk of cases."""
-    grid = _grids(p.probe, size)
-    gb = {k: torch.from_numpy((v[:, None, None] if v.ndim == 1 else v).astype(_F32))
-          for k, v in g.items()}  # fmt: skip
+    """Images (uint8, B x H x W, before overlay and JPEG) and masks of one chunk of cases."""
+    grid = probe_grids(p.probe, size)
+    gb = {k: (v[:, None, None] if v.ndim == 1 else v).astype(_F32) for k, v in g.items()}
     n = len(g["nx"])
-    E, alpha, spec = _anatomy(grid, gb, _smooth_noise(rng, n, size))
+    E, alpha, spec, sd = _anatomy(grid, gb, _smooth_noise(rng, n, size))
 
     k = size / 64.0
     sig_r, sig_c = 0.45 * p.speckle_grain * k, 0.8 * p.speckle_grain * k
     # Two-look compounding (two complex speckle realisations averaged in intensity), as modern
     # scanners do: it softens the black speckle nulls that single-look log images show.
-    white = torch.from_numpy(rng.standard_normal((4 * n, size, size), dtype=_F32))
-    field = _gaussian_blur(white * E.sqrt().repeat(4, 1, 1), sig_r, sig_c, "reflect")
-    norm = float(2.0 * (_kernel(sig_r) ** 2).sum().sqrt() * (_kernel(sig_c) ** 2).sum().sqrt())
-    env = (field**2).view(4, n, size, size).sum(0).sqrt_() / norm
-    env *= torch.exp(-torch.cumsum(alpha * grid["step"], dim=1))  # integrated along the beam
-    falloff = torch.pow(10.0, -p.attenuation_db * grid["depth"] / 20.0)
-    env = torch.maximum(env, spec) * falloff
-    floor = torch.from_numpy(rng.rayleigh(size=(n, size, size)).astype(_F32))
-    env = torch.hypot(env, 0.01 * floor)  # electronic noise floor
+    field = np.sqrt(E) * rng.standard_normal((4, n, size, size), dtype=_F32)
+    field = gaussian_filter(field, (0, 0, sig_r, sig_c), mode="reflect", truncate=3.0)
+    env = np.sqrt(np.square(field).sum(axis=0)) * float(0.5 / _psf_norm(sig_r, sig_c))
+    env *= np.exp(-np.cumsum(alpha * _F32(grid["step"]), axis=1))  # integrated along the beam
+    env = np.maximum(env, spec)
+    env *= 10.0 ** (-p.attenuation_db / 20.0 * grid["depth"])  # residual time-gain falloff
+    env = np.hypot(env, 0.01 * rng.rayleigh(size=env.shape).astype(_F32))  # noise floor
 
-    db = 20.0 * torch.log10(env + 1e-6) + (p.gain - 20.0)
-    img = ((db + p.dynamic_range_db) / p.dynamic_range_db).clamp_(0.0, 1.0) ** p.gamma
+    db = 20.0 * np.log10(env + 1e-6) + (p.gain - 20.0)
+    img = np.clip((db + p.dynamic_range_db) * (1.0 / p.dynamic_range_db), 0.0, 1.0) ** p.gamma
     if p.probe == "sector":  # scan conversion: polar acquisition -> Cartesian display
-        img = F.grid_sample(img[:, None], grid["sample"].expand(n, -1, -1, -1), mode="bilinear",
-                            padding_mode="border", align_corners=False)[:, 0]  # fmt: skip
+        grid_t = torch.from_numpy(
+            np.ascontiguousarray(np.broadcast_to(grid["sample"], (n, size, size, 2)))
+        )
+        img = F.grid_sample(torch.from_numpy(img[:, None]), grid_t, mode="bilinear",
+                            padding_mode="border", align_corners=False)[:, 0].numpy()  # fmt: skip
+        sd = _nodule(grid["Xd"], grid["Zd"], gb)[0]  # the mask lives on the display grid
     img = img * grid["foot"]
     if p.blur > 0:
-        img = _gaussian_blur(img, p.blur * k, p.blur * k, "replicate")
+        img = gaussian_filter(img, (0, p.blur * k, p.blur * k), mode="nearest")
     if p.resolution < 1.0:
         low = max(8, round(size * p.resolution))
-        t = F.interpolate(img[:, None], size=(low, low), mode="area")
-        img = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    images = (img * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
-    sd, _, _ = _nodule(grid["Xd"], grid["Zd"], gb)
-    masks = ((sd < 0) & grid["foot"]).to(torch.uint8).numpy()
+        t = F.interpolate(torch.from_numpy(img[:, None]), size=(low, low), mode="area")
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        img = t[:, 0].numpy()
+    images = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    masks = ((sd < 0) & grid["foot"]).astype(np.uint8)
     return images, masks
+
+
+def _workers() -> int:
+    """Render threads: ``$MEDFED_SYNTH_THREADS`` or the usable cores (at most 8)."""
+    env = os.environ.get("MEDFED_SYNTH_THREADS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, int(env) if env else min(8, cores or 1))
 
 
 def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
@@ -357,18 +357,29 @@ def generate_site(
     geo = sample_geometry(profile, cases, seed=seed)
     n = len(cases["label"])
     chunk = max(1, _PIXELS_PER_CHUNK // (image_size * image_size))
-    images = np.empty((n, 1, image_size, image_size), np.uint8)
-    masks = np.empty((n, image_size, image_size), np.uint8)
-    for c, start in enumerate(range(0, n, chunk)):
-        sl = slice(start, min(n, start + chunk))
+    starts = list(range(0, n, chunk))
+
+    def render(c: int) -> tuple[np.ndarray, np.ndarray]:
+        sl = slice(starts[c], min(n, starts[c] + chunk))
         rng = np.random.default_rng(site_seed(seed, profile.name, 2, c))
         part = {k: v[sl] for k, v in geo.items()}
-        imgs, masks[sl] = _render_chunk(profile, part, image_size, rng)
+        imgs, masks = _render_chunk(profile, part, image_size, rng)
         if profile.text_overlay:
             draw_overlay(imgs, profile, part)
         if profile.jpeg_quality is not None:
             imgs = np.stack([_jpeg(im, profile.jpeg_quality) for im in imgs])
-        images[sl, 0] = imgs
+        return imgs, masks
+
+    # Chunks are independent (own RNG stream), so threads change speed, never bytes; numpy's big
+    # array kernels release the GIL, so this uses every core.
+    workers = min(len(starts), _workers())
+    if workers == 1:
+        parts = [render(c) for c in range(len(starts))]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(render, range(len(starts))))
+    images = np.concatenate([im for im, _ in parts])[:, None]
+    masks = np.concatenate([m for _, m in parts])
     case_ids = tuple(f"{profile.name}-{i:06d}" for i in range(n))
     data = ArrayDataset(
         images=torch.from_numpy(images),
@@ -413,6 +424,7 @@ def _save(path: Path, data: ArrayDataset, features: dict[str, np.ndarray]) -> No
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable
         os.replace(tmp, path)  # atomic: concurrent readers never see a half-written file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -447,7 +459,9 @@ def load_or_generate_site(
     path = root / "ultrasound" / f"{profile.name}-{image_size}px-{key}.npz"
     if path.exists():
         return _load(path)
-    data, features = generate_site(profile, image_size=image_size, seed=seed, temperature=temperature)
+    data, features = generate_site(
+        profile, image_size=image_size, seed=seed, temperature=temperature
+    )
     _save(path, data, features)
     return data, features
 
@@ -456,7 +470,9 @@ def _meta(profile: SiteProfile, role: str) -> dict[str, object]:
     return {**dataclasses.asdict(profile), "role": role, "generator_version": GENERATOR_VERSION}
 
 
-def synthesize_federation(opts: UltrasoundOptions, *, cache_dir: str | Path | None = None) -> Federation:
+def synthesize_federation(
+    opts: UltrasoundOptions, *, cache_dir: str | Path | None = None
+) -> Federation:
     """The default 6-site federation (+ external site), from the cache when it is there.
 
     Each training site is split stratified into train / val (``opts.val_fraction``, seed derived
@@ -483,7 +499,9 @@ def synthesize_federation(opts: UltrasoundOptions, *, cache_dir: str | Path | No
     return Federation(tuple(sites), ext)
 
 
-def federation_oracle_auc(opts: UltrasoundOptions | None = None, *, external: bool = False) -> float:
+def federation_oracle_auc(
+    opts: UltrasoundOptions | None = None, *, external: bool = False
+) -> float:
     """AUC of the true logit over the pooled training sites (or the external site).
 
     Uses only the case model, no pixels, so it is instant even for the full federation: the

@@ -1,7 +1,8 @@
-"""Site profiles and the case (feature + label) model of the synthetic thyroid-ultrasound federation.
+"""Site profiles, case (feature + label) model and probe geometry of the synthetic ultrasound.
 
-This half of the generator never touches pixels: it decides *what* each case is (its TI-RADS-like
-nodule features, its label and the geometry its image will be drawn from). Keeping it separate
+This half of the generator never draws tissue: it decides *what* each case is (its TI-RADS-like
+nodule features, its label and the geometry its image will be drawn from), where each probe's
+pixels lie in centimetres, and what text a scanner burns into the frame. Keeping it separate
 from the renderer means the labels and features of a site do not depend on the image size, so the
 64 px CPU presets and the 224 px GPU presets study exactly the same patients.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -285,20 +287,28 @@ def sample_geometry(
     rad = 0.45 * np.sqrt(rng.random((n, N_BLOBS)))
     g["blob_u"], g["blob_v"] = rad * np.cos(ang), rad * np.sin(ang)
     g["blob_r"] = rng.uniform(0.25, 0.5, (n, N_BLOBS))
-    g["blob_on"] = (comp == 1)[:, None] & ((np.arange(N_BLOBS) == 0) | (rng.random((n, N_BLOBS)) < 0.6))
+    g["blob_on"] = (comp == 1)[:, None] & (
+        (np.arange(N_BLOBS) == 0) | (rng.random((n, N_BLOBS)) < 0.6)
+    )
 
-    # Echogenic foci, placed inside the nodule (normalised radius < 0.65) then mapped to cm.
+    # Echogenic foci, placed well inside the nodule (normalised radius < 0.55), mapped to cm.
     ang = rng.uniform(0, 2 * np.pi, (n, N_FOCI))
-    rad = 0.65 * np.sqrt(rng.random((n, N_FOCI)))
+    rad = 0.55 * np.sqrt(rng.random((n, N_FOCI)))
     du, dv = rad * np.cos(ang) * na[:, None], rad * np.sin(ang) * nb[:, None]
     c, s = g["cos_t"][:, None], g["sin_t"][:, None]
     g["fx"] = g["nx"][:, None] + du * c - dv * s
     g["fz"] = g["nz"][:, None] + du * s + dv * c
-    count = np.select([foci == 3, foci == 2, foci == 1], [rng.integers(2, 7, n), 1, rng.integers(1, 3, n)], 0)
+    count = np.select(
+        [foci == 3, foci == 2, foci == 1], [rng.integers(2, 7, n), 1, rng.integers(1, 3, n)], 0
+    )
     on = np.arange(N_FOCI)[None, :] < count[:, None]
-    g["f_r"] = np.select([foci == 2, foci == 1], [u(0.1, 0.15), np.full(n, 0.06)], 0.075)[:, None] * on
+    g["f_r"] = (
+        np.select([foci == 2, foci == 1], [u(0.1, 0.15), np.full(n, 0.06)], 0.075)[:, None] * on
+    )
     g["f_amp"] = np.select([foci == 2, foci == 1], [u(5, 7), u(3, 4)], u(4, 7))[:, None] * on
-    g["f_shadow"] = np.select([foci == 2, foci == 3], [np.full(n, 2.0), np.full(n, 0.25)], 0.0)[:, None] * on
+    g["f_shadow"] = (
+        np.select([foci == 2, foci == 3], [np.full(n, 2.0), np.full(n, 0.25)], 0.0)[:, None] * on
+    )
     g["f_tail"] = (foci == 1).astype(float)[:, None] * on
 
     g["het"] = u(0.08, 0.3)
@@ -310,6 +320,53 @@ def sample_geometry(
     g["qz"] = g["tz"] - 0.1 + 0.4 * g["rq"]
     g["focus_depth"], g["frame"] = u(1.2, 2.6), rng.integers(0, 100, n).astype(float)
     return {k: np.asarray(v, dtype=np.float64) for k, v in g.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Probe geometry
+
+
+@lru_cache(maxsize=16)
+def probe_grids(probe: str, size: int) -> dict[str, np.ndarray]:
+    """Acquisition grid (rows = depth along the beam) and display grid, in cm, as (1, H, W).
+
+    Linear: acquisition grid = display grid. Sector: acquisition is (radius, angle) and the
+    display pixels look it up by scan conversion; outside the fan is black. ``index`` maps a
+    point (x, z) in cm to fractional acquisition (row, col) - used to stamp small foci.
+    """
+    c = (np.arange(size, dtype=np.float64) + 0.5) / size
+    if probe == "linear":
+        x0, x1, z0, z1 = LINEAR_WINDOW
+        X, Z = np.meshgrid(x0 + (x1 - x0) * c, z0 + (z1 - z0) * c)
+        foot = (np.abs(X) <= LINEAR_HALF_WIDTH) & (Z >= 0.0)
+        g = {"X": X, "Z": Z, "D": np.maximum(Z, 0.0), "Xd": X, "Zd": Z, "foot": foot}
+        g["step"] = np.array((z1 - z0) / size)
+        g["depth"] = np.clip(Z / z1, 0.0, 1.0)
+        g["index"] = np.array([z0, (z1 - z0) / size, x0, (x1 - x0) / size])
+    else:
+        r = SECTOR_APEX + (SECTOR_R1 - SECTOR_APEX) * c
+        th = SECTOR_HALF_ANGLE * (2.0 * c - 1.0)
+        R, TH = np.meshgrid(r, th, indexing="ij")
+        x0, x1, z0, z1 = SECTOR_WINDOW
+        Xd, Zd = np.meshgrid(x0 + (x1 - x0) * c, z0 + (z1 - z0) * c)
+        rd, thd = np.hypot(Xd, Zd + SECTOR_APEX), np.arctan2(Xd, Zd + SECTOR_APEX)
+        foot = (rd >= SECTOR_APEX) & (rd <= SECTOR_R1) & (np.abs(thd) <= SECTOR_HALF_ANGLE)
+        span = SECTOR_R1 - SECTOR_APEX
+        g = {"X": R * np.sin(TH), "Z": R * np.cos(TH) - SECTOR_APEX, "D": R - SECTOR_APEX}
+        g.update(
+            Xd=Xd, Zd=Zd, foot=foot, step=np.array(span / size), depth=(R - SECTOR_APEX) / span
+        )
+        g["sample"] = np.stack([thd / SECTOR_HALF_ANGLE, 2 * (rd - SECTOR_APEX) / span - 1], -1)
+        g["index"] = np.array(
+            [SECTOR_APEX, span / size, -SECTOR_HALF_ANGLE, 2 * SECTOR_HALF_ANGLE / size]
+        )
+    out = {}
+    for k, v in g.items():
+        v = v.astype(np.float32) if v.dtype == np.float64 and v.ndim >= 2 else v
+        v = v[None] if v.ndim >= 2 else v
+        v.setflags(write=False)
+        out[k] = v
+    return out
 
 
 # Burned-in text: a 3x5 bitmap font (rows top to bottom, '#' = lit). Scanner captions, a depth
@@ -324,14 +381,22 @@ _FONT_ROWS = {
     "R": "##. #.# ##. #.# #.#", "T": "### .#. .#. .#. .#.", "Y": "#.# #.# .#. .#. .#.",
     "-": "... ... ### ... ...", ".": "... ... ... ... .#.", " ": "... ... ... ... ...",
 }  # fmt: skip
-FONT = {c: np.array([[ch == "#" for ch in row] for row in rows.split()]) for c, rows in _FONT_ROWS.items()}
+FONT = {
+    c: np.array([[ch == "#" for ch in row] for row in rows.split()])
+    for c, rows in _FONT_ROWS.items()
+}
+
+
+@lru_cache(maxsize=256)
+def _glyph(ch: str, k: int) -> np.ndarray:
+    return np.kron(FONT.get(ch, FONT[" "]), np.ones((k, k), dtype=bool))
 
 
 def _draw_text(canvas: np.ndarray, text: str, row: int, col: int, k: int) -> None:
     """Set the pixels of ``text`` (3x5 glyphs scaled by k) in a boolean canvas, clipped."""
     h, w = canvas.shape
     for i, ch in enumerate(text.upper()):
-        glyph = np.kron(FONT.get(ch, FONT[" "]), np.ones((k, k), dtype=bool))
+        glyph = _glyph(ch, k)
         c0 = col + i * 4 * k
         r1, c1 = min(h, row + 5 * k), min(w, c0 + 3 * k)
         if c0 < w and row < h:

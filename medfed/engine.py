@@ -79,11 +79,14 @@ def evaluate(
 ) -> tuple[float, float, dict[str, dict[str, float]]]:
     """Pooled and per-site internal validation; each site scores with the model it would use."""
     labels, probas, per_site = [], [], {}
+    loaded: Params | None = None
     for site in sites:
         if len(site.val) == 0:
             continue
         params = algorithm.personalize(global_params, client_states.get(site.name, {}))
-        load_params(model, params, device)
+        if params is not loaded:  # most algorithms: one global model, loaded once
+            load_params(model, params, device)
+            loaded = params
         proba = predict_proba(
             model, site.val, device=device, batch_size=batch_size, normalize=normalize
         )

@@ -25,7 +25,7 @@ log = logging.getLogger("medfed")
 class Reporter:
     def __init__(self, *, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._label = ""

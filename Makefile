@@ -14,9 +14,9 @@ OUT ?= runs/quickstart
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(TORCH_SPEC)
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install -qq --upgrade pip
+	$(PIP) install -qq $(TORCH_SPEC)
+	$(PIP) install -qq -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,7 +28,7 @@ test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: venv
-	$(PIP) install --quiet ruff mypy
+	$(PIP) install -qq ruff mypy
 	$(VENV)/bin/ruff check medfed tests benchmarks
 	$(VENV)/bin/ruff format --check medfed tests benchmarks
 	$(VENV)/bin/mypy medfed

@@ -39,8 +39,14 @@ def _sets(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_config_typo_is_one_clear_line_without_traceback(tmp_path):
-    proc = _medfed("run", "configs/quickstart.yaml", "--set", "federation.strategy.name=fedavgg",
-                   "--out", str(tmp_path / "r"))
+    proc = _medfed(
+        "run",
+        "configs/quickstart.yaml",
+        "--set",
+        "federation.strategy.name=fedavgg",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert proc.returncode == 2
     assert "federation.strategy" in proc.stderr and "unknown strategy 'fedavgg'" in proc.stderr
     assert "fedprox" in proc.stderr  # allowed values are listed
@@ -55,9 +61,20 @@ def test_kill_mid_run_then_resume_is_bit_identical(tmp_path):
 
     cut = tmp_path / "cut"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medfed.cli", "run", "configs/quickstart.yaml", *sets,
-         "--out", str(cut), "--quiet"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "medfed.cli",
+            "run",
+            "configs/quickstart.yaml",
+            *sets,
+            "--out",
+            str(cut),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while not (cut / "checkpoints" / "round_0001").exists():

@@ -329,3 +329,16 @@ def prepare_updates(
         if u.num_examples < 0:
             raise ValueError(f"update from {u.site!r} has negative num_examples")
     return sorted(updates, key=lambda u: u.site)
+
+
+def fedavg_aggregate(
+    global_params: Params, updates: Sequence[Update], expected_keys: frozenset[str] | None
+) -> Params:
+    """Example-weighted mean of the uploaded keys; keys not uploaded keep the global value."""
+    ups = prepare_updates(global_params, updates, expected_keys)
+    mean = weighted_mean(
+        [as_weights(u, global_params) for u in ups],
+        [u.num_examples for u in ups],
+        like=global_params,
+    )
+    return merge(global_params, mean)

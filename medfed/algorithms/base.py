@@ -25,13 +25,14 @@ derives what it needs from the ``model`` it is handed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from medfed.algorithms.aggregate import fedavg_aggregate
 from medfed.client.train import TrainOptions, TrainResult, train_local
 from medfed.data.site import ArrayDataset
 from medfed.types import Buffers, ClientState, ParamKind, Params, StrategyState, Update
@@ -207,7 +208,10 @@ class AlgorithmBase:
         *,
         round_idx: int,
     ) -> tuple[Params, StrategyState]:
-        raise NotImplementedError
+        """FedAvg's merge: the server half FedAvg, FedProx and FedBN share (they differ only in
+        their client halves, and FedBN in which keys are uploaded)."""
+        new = fedavg_aggregate(global_params, updates, self.uploaded_keys())
+        return new, replace(state, round=state.round + 1)
 
     def local_update(
         self,

@@ -16,9 +16,6 @@ at the client from the model it trains, never guessed from names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
-
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -33,7 +30,6 @@ from medfed.algorithms.base import (
     norm_layer_keys,
     read_params,
 )
-from medfed.algorithms.fedavg import fedavg_aggregate
 from medfed.algorithms.registry import STRATEGIES
 from medfed.client.train import TrainOptions, train_local
 from medfed.data.site import ArrayDataset
@@ -72,17 +68,6 @@ class FedBN(AlgorithmBase):
         if self._shared is None:
             raise RuntimeError("fedbn: call init() first; the uploaded keys depend on the model")
         return self._shared
-
-    def aggregate(
-        self,
-        global_params: Params,
-        updates: Sequence[Update],
-        state: StrategyState,
-        *,
-        round_idx: int,
-    ) -> tuple[Params, StrategyState]:
-        new = fedavg_aggregate(global_params, updates, self.uploaded_keys())
-        return new, replace(state, round=state.round + 1)
 
     def local_update(
         self,

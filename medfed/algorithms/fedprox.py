@@ -9,9 +9,6 @@ The server half is FedAvg's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -23,11 +20,9 @@ from medfed.algorithms.base import (
     load_params,
     weights_update,
 )
-from medfed.algorithms.fedavg import fedavg_aggregate
 from medfed.algorithms.registry import STRATEGIES
 from medfed.client.train import LossTerm, TrainOptions, train_local
 from medfed.data.site import ArrayDataset
-from medfed.types import Params, StrategyState, Update
 
 
 class FedProxOptions(BaseModel):
@@ -58,17 +53,6 @@ class FedProx(AlgorithmBase):
 
     def __init__(self, options: FedProxOptions | None = None) -> None:
         self.options = options or FedProxOptions()
-
-    def aggregate(
-        self,
-        global_params: Params,
-        updates: Sequence[Update],
-        state: StrategyState,
-        *,
-        round_idx: int,
-    ) -> tuple[Params, StrategyState]:
-        new = fedavg_aggregate(global_params, updates, self.uploaded_keys())
-        return new, replace(state, round=state.round + 1)
 
     def local_update(
         self,

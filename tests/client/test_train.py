@@ -49,7 +49,10 @@ def test_deterministic_given_generator_and_learns():
     train_local(
         b, data, opts, generator=torch.Generator().manual_seed(0), device=torch.device("cpu")
     )
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=False))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=False)
+    )
     assert ra.num_examples == 8 * 96 and ra.num_steps == 8 * 6
     proba = predict_proba(a, data, device=torch.device("cpu"))
     assert ((proba.argmax(1) == data.labels.numpy()).mean()) > 0.8

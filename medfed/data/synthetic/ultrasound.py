@@ -37,9 +37,12 @@ import io
 import json
 import os
 import tempfile
+import zipfile
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -413,6 +416,22 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDFED_CACHE_DIR", Path.home() / ".cache" / "medfed"))
 
 
+def _write_npz(fh: IO[bytes], arrays: Mapping[str, np.ndarray]) -> None:
+    """Write named arrays as an uncompressed .npz, laid out exactly as ``np.savez`` does.
+
+    One ``<name>.npy`` member per array in a stored (uncompressed) zip, so ``np.load`` reads it
+    back unchanged. Not ``np.savez(fh, **arrays)`` itself: there the array names share one keyword
+    namespace with savez's own ``allow_pickle`` option (NumPy >= 2.1; older NumPy stores an
+    ``allow_pickle=`` keyword as an array), so a dict of arrays cannot be passed to it type-safely
+    and pickles cannot be refused portably. Here they are refused on every NumPy version, matching
+    ``_load``'s ``allow_pickle=False``.
+    """
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 def _save(path: Path, data: ArrayDataset, features: dict[str, np.ndarray]) -> None:
     assert data.masks is not None
     arrays = {"images": data.images.numpy(), "labels": data.labels.numpy(),
@@ -423,7 +442,7 @@ def _save(path: Path, data: ArrayDataset, features: dict[str, np.ndarray]) -> No
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+            _write_npz(fh, arrays)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable
         os.replace(tmp, path)  # atomic: concurrent readers never see a half-written file
     except BaseException:
@@ -482,10 +501,15 @@ def synthesize_federation(
     ``default_cache_dir()``. Per-site meta holds the profile fields (JSON-friendly scalars).
     """
     profiles, external = opts.profiles()
-    kw = {"image_size": opts.image_size, "seed": opts.seed, "temperature": opts.temperature}
 
     def build(p: SiteProfile) -> ArrayDataset:
-        return load_or_generate_site(p, cache_dir=cache_dir, **kw)[0]
+        return load_or_generate_site(
+            p,
+            image_size=opts.image_size,
+            seed=opts.seed,
+            temperature=opts.temperature,
+            cache_dir=cache_dir,
+        )[0]
 
     sites = []
     for p in profiles:

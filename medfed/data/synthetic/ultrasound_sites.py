@@ -167,10 +167,13 @@ def _choice(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
     """Vectorised categorical draw, one row of ``probs`` per case."""
     cdf = np.cumsum(probs, axis=-1)
     cdf[..., -1] = 1.0
-    return (rng.random(probs.shape[0])[:, None] > cdf).sum(axis=-1)
+    n = int(probs.shape[0])
+    return (rng.random(n)[:, None] > cdf).sum(axis=-1)
 
 
-def sample_features(rng: np.random.Generator, n: int, suspicion: float = 0.0) -> dict:
+def sample_features(
+    rng: np.random.Generator, n: int, suspicion: float = 0.0
+) -> dict[str, np.ndarray]:
     """Draw ``n`` i.i.d. nodules' categorical features from a site's (tilted) priors."""
     s = suspicion
     comp = _choice(rng, np.tile(_tilted(_P_COMPOSITION, COMPOSITION_POINTS, s), (n, 1)))
@@ -184,7 +187,7 @@ def sample_features(rng: np.random.Generator, n: int, suspicion: float = 0.0) ->
             "margin": margin, "foci": foci}  # fmt: skip
 
 
-def tirads_points(f: dict) -> np.ndarray:
+def tirads_points(f: dict[str, np.ndarray]) -> np.ndarray:
     return (
         COMPOSITION_POINTS[f["composition"]]
         + ECHO_POINTS[f["echogenicity"]]
@@ -207,7 +210,7 @@ def sample_site_cases(
         raise ValueError(f"temperature must be positive, got {temperature}")
     rng = np.random.default_rng(site_seed(seed, profile.name, 0))
     batch = max(256, 2 * profile.n)
-    parts: list[dict] = []
+    parts: list[dict[str, np.ndarray]] = []
     n_pos = n_neg = 0
     while n_pos < profile.n_malignant or n_neg < profile.n_benign:
         f = sample_features(rng, batch, profile.suspicion)
@@ -245,7 +248,11 @@ def sample_geometry(
     comp, echo, margin, foci = (cases[k] for k in ("composition", "echogenicity", "margin", "foci"))
     ttw = cases["taller_than_wide"].astype(bool)
     n = len(comp)
-    u = lambda lo, hi, size=n: rng.uniform(lo, hi, size)  # noqa: E731
+
+    def u(lo: float, hi: float, size: int | tuple[int, ...] = n) -> np.ndarray:
+        """``size`` i.i.d. uniforms in [lo, hi): one per case unless a shape is given."""
+        return rng.uniform(lo, hi, size)
+
     sector = profile.probe == "sector"
     g: dict[str, np.ndarray] = {"side": rng.choice([-1.0, 1.0], n)}
     g["tx"] = u(-0.15, 0.15) if sector else u(-0.3, 0.3)

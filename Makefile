@@ -8,32 +8,35 @@ PIP := $(PY) -m pip
 # torch is pinned here (not in pyproject) so the wheels already on disk are taken instead of a
 # multi-GB download; override with `make TORCH_SPEC="torch torchvision" ...` elsewhere.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-OUT ?= runs/quickstart
+OUT ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test venv lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -qq --upgrade pip
 	$(PIP) install -qq $(TORCH_SPEC)
+	$(PIP) install -qq -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
 	$(PIP) install -qq -e '.[test]'
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.base
 
-demo: venv
+demo: $(VENV)/.base
 	$(VENV)/bin/medfed run configs/quickstart.yaml --out $(OUT)
 
-test: venv
+test: $(VENV)/.test
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-lint: venv
+lint: $(VENV)/.test
 	$(PIP) install -qq ruff mypy
 	$(VENV)/bin/ruff check medfed tests benchmarks
 	$(VENV)/bin/ruff format --check medfed tests benchmarks
 	$(VENV)/bin/mypy medfed
 
-bench: venv
+bench: $(VENV)/.base
 	$(PY) benchmarks/engine_overhead.py
 
 clean:

@@ -326,6 +326,11 @@ def run(
     """Run ``config`` into ``out_dir``; see README for the files written there."""
     out_dir = Path(out_dir)
     fed = federation if federation is not None else build_federation(config)
+    unknown = sorted({f.site for f in config.faults} - set(fed.names))
+    if unknown:
+        raise FederationError(
+            f"faults name unknown site(s) {unknown}; sites: {', '.join(fed.names)}"
+        )
     reporter = Reporter(enabled=progress)
     fcfg = config.federation
     common = dict(eval_sites=fed.sites, external=fed.external, reporter=reporter)

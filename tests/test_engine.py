@@ -77,6 +77,12 @@ def test_faulty_site_is_rejected_and_run_goes_on(tmp_path, tiny_federation, kind
     assert summary["rejected_rounds"] == {"site1": 2}
 
 
+def test_fault_for_an_unknown_site_is_an_error(tmp_path, tiny_federation):
+    c = cfg(faults=[{"site": "nosuch", "kind": "nan"}])
+    with pytest.raises(FederationError, match=r"unknown site\(s\) \['nosuch'\]; sites: site0"):
+        run(c, out_dir=tmp_path, federation=tiny_federation, progress=False)
+
+
 def test_too_few_valid_updates_stops_with_named_sites(tmp_path, tiny_federation):
     c = cfg(
         "federation.min_clients=3",

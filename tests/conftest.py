@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from medfed.data.site import ArrayDataset, Federation, Site
+
+# CI must be reproducible: the same examples every run (locally, hypothesis keeps exploring).
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def make_site_data(

@@ -141,7 +141,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         for name in STRATEGIES.names():
             opts = STRATEGIES.options(name)
-            fields = ", ".join(opts.model_fields) if opts is not None else ""
+            fields = (
+                ", ".join(f"{k}={f.default!r}" for k, f in opts.model_fields.items())
+                if opts is not None
+                else ""
+            )
             print(f"{name}" + (f"  (options: {fields})" if fields else ""))
     else:
         from medfed.models.factory import model_names

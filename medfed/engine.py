@@ -23,7 +23,7 @@ from medfed.algorithms.base import load_params, read_params
 from medfed.checkpoint import load_latest, save_checkpoint, save_params
 from medfed.client.train import predict_proba, resolve_device
 from medfed.config import RunConfig, config_hash, dump_config
-from medfed.data.site import Federation, Site
+from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.history import History, RoundRecord, SiteRound
 from medfed.metrics.classification import accuracy, multiclass_auc
 from medfed.models.factory import create_model
@@ -66,40 +66,56 @@ def build_model(config: RunConfig, federation: Federation) -> nn.Module:
     )
 
 
-def evaluate(
-    model: nn.Module,
-    algorithm: Algorithm,
-    global_params: Params,
-    client_states: Mapping[str, ClientState],
-    sites: Sequence[Site],
-    *,
-    device: torch.device,
-    batch_size: int,
-    normalize: str,
-) -> tuple[float, float, dict[str, dict[str, float]]]:
-    """Pooled and per-site internal validation; each site scores with the model it would use."""
-    labels, probas, per_site = [], [], {}
-    loaded: Params | None = None
-    for site in sites:
-        if len(site.val) == 0:
-            continue
-        params = algorithm.personalize(global_params, client_states.get(site.name, {}))
-        if params is not loaded:  # most algorithms: one global model, loaded once
-            load_params(model, params, device)
-            loaded = params
-        proba = predict_proba(
-            model, site.val, device=device, batch_size=batch_size, normalize=normalize
+class Evaluator:
+    """Internal validation, pooled and per site; each site scores with the model it would use.
+
+    The pooled validation set is concatenated once per run. When every site uses the same model
+    (all algorithms but personalised ones such as FedBN) it is scored in one pass and per-site
+    metrics are sliced out of it, instead of one small forward pass per site.
+    """
+
+    def __init__(
+        self, sites: Sequence[Site], *, device: torch.device, batch_size: int, normalize: str
+    ) -> None:
+        self.sites = [s for s in sites if len(s.val)]
+        self.pooled = ArrayDataset.concat([s.val for s in self.sites])
+        self.bounds = np.cumsum([0] + [len(s.val) for s in self.sites])
+        self.labels = self.pooled.labels.numpy()
+        self.device, self.batch_size, self.normalize = device, batch_size, normalize
+
+    def _predict(self, model: nn.Module, data: ArrayDataset) -> np.ndarray:
+        return predict_proba(
+            model, data, device=self.device, batch_size=self.batch_size, normalize=self.normalize
         )
-        y = site.val.labels.numpy()
-        per_site[site.name] = {
-            "auc": multiclass_auc(y, proba),
-            "acc": accuracy(y, proba),
-            "n": float(len(y)),
-        }
-        labels.append(y)
-        probas.append(proba)
-    y_all, p_all = np.concatenate(labels), np.concatenate(probas)
-    return multiclass_auc(y_all, p_all), accuracy(y_all, p_all), per_site
+
+    def __call__(
+        self,
+        model: nn.Module,
+        algorithm: Algorithm,
+        global_params: Params,
+        client_states: Mapping[str, ClientState],
+    ) -> tuple[float, float, dict[str, dict[str, float]]]:
+        params = [
+            algorithm.personalize(global_params, client_states.get(s.name, {})) for s in self.sites
+        ]
+        if all(p is params[0] for p in params):
+            load_params(model, params[0], self.device)
+            proba = self._predict(model, self.pooled)
+        else:
+            parts = []
+            for site, site_params in zip(self.sites, params, strict=True):
+                load_params(model, site_params, self.device)
+                parts.append(self._predict(model, site.val))
+            proba = np.concatenate(parts)
+        per_site = {}
+        for site, lo, hi in zip(self.sites, self.bounds[:-1], self.bounds[1:], strict=True):
+            y, p = self.labels[lo:hi], proba[lo:hi]
+            per_site[site.name] = {
+                "auc": multiclass_auc(y, p),
+                "acc": accuracy(y, p),
+                "n": float(hi - lo),
+            }
+        return multiclass_auc(self.labels, proba), accuracy(self.labels, proba), per_site
 
 
 def _evaluate_external(
@@ -165,6 +181,12 @@ def _train_rounds(
         faults=[f for f in config.faults if f.site in site_names],
     )
     topology = StarTopology(fraction=fraction, min_clients=min_clients)
+    evaluator = Evaluator(
+        eval_sites,
+        device=device,
+        batch_size=config.train.eval_batch_size,
+        normalize=config.train.normalize,
+    )
     chash = config_hash(config)
     start_round = 0
     hist_path = out_dir / "history.jsonl"
@@ -228,15 +250,8 @@ def _train_rounds(
             for u in accepted
         )
         global_params, state = algorithm.aggregate(global_params, accepted, state, round_idx=r)
-        val_auc, val_acc, site_val = evaluate(
-            model,
-            algorithm,
-            global_params,
-            runtime.client_states,
-            eval_sites,
-            device=device,
-            batch_size=config.train.eval_batch_size,
-            normalize=config.train.normalize,
+        val_auc, val_acc, site_val = evaluator(
+            model, algorithm, global_params, runtime.client_states
         )
         ext_auc, ext_acc = _evaluate_external(
             model,

@@ -77,31 +77,52 @@ def medfed_run(fed: Federation) -> tuple[Timing, float, dict[str, torch.Tensor]]
         return (time.perf_counter() - t0, time.process_time() - c0), acc, res.final_params
 
 
+def new_model() -> torch.nn.Module:
+    return create_model("medfed:tinycnn", num_classes=10, in_chans=1, image_size=28)
+
+
+def train_site(model: torch.nn.Module, site: Site, round_idx: int) -> int:
+    """One local epoch of textbook SGD with medfed's per-(round, site) seeds; returns n."""
+    torch.manual_seed(derive_seed(SEED, "torch", round_idx, site.name))
+    g = torch_generator(SEED, "train", round_idx, site.name)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0)
+    model.train()
+    n = len(site.train)
+    perm = torch.randperm(n, generator=g)
+    for i in range(0, n, BATCH):
+        idx = perm[i : i + BATCH]
+        if len(idx) < 2:
+            continue
+        x = (site.train.images[idx].float() / 255 - 0.5) / 0.25
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), site.train.labels[idx]).backward()
+        opt.step()
+    return n
+
+
+@torch.no_grad()
+def pooled_accuracy(model: torch.nn.Module, fed: Federation) -> float:
+    model.eval()
+    correct = seen = 0
+    for site in fed.sites:
+        x = (site.val.images.float() / 255 - 0.5) / 0.25
+        correct += int((model(x).argmax(1) == site.val.labels).sum())
+        seen += len(site.val)
+    return correct / seen
+
+
 def plain_run(fed: Federation) -> tuple[Timing, float, dict[str, torch.Tensor]]:
     """Textbook FedAvg in plain PyTorch: same seeds, same batches, same evaluation each round."""
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(derive_seed(SEED, "init"))
-    model = create_model("medfed:tinycnn", num_classes=10, in_chans=1, image_size=28)
+    model = new_model()
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     acc = float("nan")
     for r in range(ROUNDS):
         states, weights = [], []
         for site in fed.sites:
             model.load_state_dict(global_state)
-            torch.manual_seed(derive_seed(SEED, "torch", r, site.name))
-            g = torch_generator(SEED, "train", r, site.name)
-            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0)
-            model.train()
-            n = len(site.train)
-            perm = torch.randperm(n, generator=g)
-            for i in range(0, n, BATCH):
-                idx = perm[i : i + BATCH]
-                if len(idx) < 2:
-                    continue
-                x = (site.train.images[idx].float() / 255 - 0.5) / 0.25
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), site.train.labels[idx]).backward()
-                opt.step()
+            n = train_site(model, site, r)
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             weights.append(n)
         total = sum(weights)
@@ -112,14 +133,7 @@ def plain_run(fed: Federation) -> tuple[Timing, float, dict[str, torch.Tensor]]:
             for k in global_state
         }
         model.load_state_dict(global_state)
-        model.eval()
-        correct = seen = 0
-        with torch.no_grad():
-            for site in fed.sites:
-                x = (site.val.images.float() / 255 - 0.5) / 0.25
-                correct += int((model(x).argmax(1) == site.val.labels).sum())
-                seen += len(site.val)
-        acc = correct / seen
+        acc = pooled_accuracy(model, fed)
     return (time.perf_counter() - t0, time.process_time() - c0), acc, global_state
 
 

@@ -28,13 +28,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
-from engine_overhead import BATCH, LR, ROUNDS, SEED, make_federation, plain_run  # noqa: E402
+from engine_overhead import (  # noqa: E402
+    ROUNDS,
+    SEED,
+    make_federation,
+    new_model,
+    plain_run,
+    pooled_accuracy,
+    train_site,
+)
 from flwr.client import ClientApp, NumPyClient  # noqa: E402
 from flwr.common import Context, ndarrays_to_parameters  # noqa: E402
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E402
@@ -42,14 +49,9 @@ from flwr.server.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from medfed.data.site import Federation  # noqa: E402
-from medfed.models.factory import create_model  # noqa: E402
-from medfed.seeding import derive_seed, torch_generator  # noqa: E402
+from medfed.seeding import derive_seed  # noqa: E402
 
 NUM_CPUS = 2  # Ray's CPU budget: one actor per core (client_resources num_cpus=1)
-
-
-def _new_model() -> torch.nn.Module:
-    return create_model("medfed:tinycnn", num_classes=10, in_chans=1, image_size=28)
 
 
 def _get(model: torch.nn.Module) -> list[np.ndarray]:
@@ -80,27 +82,13 @@ class PlainLoopClient(NumPyClient):
 
     def __init__(self, fed: Federation, partition_id: int) -> None:
         self.site = fed.sites[partition_id]
-        self.model = _new_model()
+        self.model = new_model()
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple:
         t_start = time.time()
-        r, site, model = int(config["round"]) - 1, self.site, self.model
-        _set(model, parameters)
-        torch.manual_seed(derive_seed(SEED, "torch", r, site.name))
-        g = torch_generator(SEED, "train", r, site.name)
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0)
-        model.train()
-        n = len(site.train)
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, BATCH):
-            idx = perm[i : i + BATCH]
-            if len(idx) < 2:
-                continue
-            x = (site.train.images[idx].float() / 255 - 0.5) / 0.25
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), site.train.labels[idx]).backward()
-            opt.step()
-        return _get(model), n, {"t_start": t_start, "t_end": time.time()}
+        _set(self.model, parameters)
+        n = train_site(self.model, self.site, int(config["round"]) - 1)
+        return _get(self.model), n, {"t_start": t_start, "t_end": time.time()}
 
 
 def make_client_app(clients: int, images: int) -> ClientApp:
@@ -113,23 +101,17 @@ def make_client_app(clients: int, images: int) -> ClientApp:
 
 def make_server_app(fed: Federation, log: dict[str, Any]) -> ServerApp:
     torch.manual_seed(derive_seed(SEED, "init"))
-    init = _get(_new_model())
-    eval_model = _new_model()
+    init = _get(new_model())
+    eval_model = new_model()
     clients = len(fed.sites)
 
     def evaluate_fn(server_round: int, params: list[np.ndarray], config: dict) -> Any:
         if server_round == 0:  # plain_run does not evaluate the initial model
             return None
         _set(eval_model, params)
-        eval_model.eval()
-        correct = seen = 0
-        with torch.no_grad():
-            for site in fed.sites:
-                x = (site.val.images.float() / 255 - 0.5) / 0.25
-                correct += int((eval_model(x).argmax(1) == site.val.labels).sum())
-                seen += len(site.val)
-        log["acc"], log["params"], log["t_last_eval"] = correct / seen, params, time.time()
-        return 0.0, {"acc": correct / seen}
+        acc = pooled_accuracy(eval_model, fed)
+        log["acc"], log["params"], log["t_last_eval"] = acc, params, time.time()
+        return 0.0, {"acc": acc}
 
     def fit_metrics(metrics: list[tuple[int, dict]]) -> dict:
         log.setdefault("fit_starts", []).extend(m["t_start"] for _, m in metrics)
@@ -192,7 +174,7 @@ def main() -> None:
         plain_run(fed)  # warm-up (allocator, kernels)
         ref, flw, startup, teardown, accs, diff = [], [], [], [], set(), 0.0
         for _ in range(args.repeats):
-            t_ref, acc_ref, p_ref = plain_run(fed)
+            (t_ref, _cpu), acc_ref, p_ref = plain_run(fed)  # wall time: Ray work is off-process
             t_flw, log = flower_run(fed, clients, images)
             assert not ray.is_initialized(), "Ray was left running"
             ref.append(t_ref)

@@ -149,8 +149,6 @@ def _describe(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling)"
-        elif e["type"] == "enum" and "expected" in e.get("ctx", {}):
-            msg = f"{msg}"
         lines.append(f"{loc}: {msg}")
     return "; ".join(lines)
 

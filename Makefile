@@ -1,5 +1,6 @@
 # Two commands set up everything on a fresh machine:
-#   make demo   - create .venv, install medfed, run the quick-start federated run on built-in data
+#   make demo   - create .venv, install medfed, run the quick-start study on built-in data
+#                 (centralized vs federated vs local, statistics, HTML report)
 #   make test   - same set-up plus the test extra, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,9 +9,10 @@ PIP := $(PY) -m pip
 # torch is pinned here (not in pyproject) so the wheels already on disk are taken instead of a
 # multi-GB download; override with `make TORCH_SPEC="torch torchvision" ...` elsewhere.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-OUT ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+STAMP := $(shell date +%Y%m%d-%H%M%S)
+OUT ?= runs/study-quickstart-$(STAMP)
 
-.PHONY: demo test venv lint bench clean
+.PHONY: demo quickstart test venv lint bench clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +27,12 @@ $(VENV)/.test: $(VENV)/.base
 venv: $(VENV)/.base
 
 demo: $(VENV)/.base
-	$(VENV)/bin/medfed run configs/quickstart.yaml --out $(OUT)
+	$(VENV)/bin/medfed study configs/study-quickstart.yaml --out $(OUT)
+	@echo "Open $(OUT)/report.html in a browser (tables also in $(OUT)/report.md)."
+
+# One federated run (FedAvg, 20 rounds): the quickest look at the engine.
+quickstart: $(VENV)/.base
+	$(VENV)/bin/medfed run configs/quickstart.yaml --out runs/quickstart-$(STAMP)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -38,6 +45,7 @@ lint: $(VENV)/.test
 
 bench: $(VENV)/.base
 	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/gpu_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

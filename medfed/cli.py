@@ -1,4 +1,4 @@
-"""``medfed`` command line: run, data synth, data preview, list.
+"""``medfed`` command line: run, study, data synth, data preview, list.
 
 Errors a user can fix (config typos, missing files, a federation that lost too many sites) are
 printed as one message without a traceback; set MEDFED_DEBUG=1 to see the traceback.
@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress display")
 
+    study = sub.add_parser(
+        "study",
+        help="centralized vs federated vs local-only for each network, with statistics and a report",
+    )
+    study.add_argument("config", help="YAML study preset, e.g. configs/study-quickstart.yaml")
+    _add_set(study)
+    study.add_argument(
+        "--out", help="study directory (default runs/<name>); rerun the same command to resume"
+    )
+    study.add_argument("--quiet", action="store_true", help="no progress display")
+
     data = sub.add_parser("data", help="built-in data: synthesize, preview")
     dsub = data.add_subparsers(dest="data_command", required=True)
     synth = dsub.add_parser("synth", help="generate a synthetic federation to a folder")
@@ -86,6 +97,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     s = result.summary
     print(json.dumps({k: s[k] for k in s if k not in {"site_val", "sites"}}, indent=2))
     console.print(f"[green]done[/] -> {run_dir}")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from medfed.study import load_study_config, run_study
+
+    config = load_study_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / config.name)
+    result = run_study(config, out_dir=out, progress=not args.quiet)
+    for network in result.results["meta"]["networks"]:
+        for paradigm, splits in result.results[network].items():
+            if paradigm.startswith("local:"):
+                continue
+            line = "  ".join(
+                f"{split} AUC {m['auc']:.3f}"
+                for split, m in splits.items()
+                if split in {"internal", "external"} and m["auc"] is not None
+            )
+            print(f"{network:>14} {paradigm:<12} {line}")
+    console.print(f"[green]done[/] -> {out} (report: {result.report_html})")
     return 0
 
 
@@ -159,14 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from medfed.config import ConfigError
     from medfed.engine import FederationError
+    from medfed.study import StudyError
 
-    handlers = {"run": _cmd_run, "data": _cmd_data, "list": _cmd_list}
+    handlers = {"run": _cmd_run, "study": _cmd_study, "data": _cmd_data, "list": _cmd_list}
     try:
         return handlers[args.command](args)
     except ConfigError as err:
         console.print(Text.assemble(("config error: ", "bold red"), str(err)))
         return 2
-    except (FederationError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (FederationError, StudyError, FileExistsError, FileNotFoundError, ValueError) as err:
         if os.environ.get("MEDFED_DEBUG"):
             raise
         console.print(Text.assemble(("error: ", "bold red"), str(err)))

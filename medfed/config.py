@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,8 @@ from medfed.client.train import TrainOptions
 from medfed.data.synthetic.ultrasound import UltrasoundOptions
 from medfed.registry import UnknownComponentError
 from medfed.types import Paradigm, StrEnum
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -179,19 +181,20 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def build_config(
-    raw: Mapping[str, Any] | None, overrides: Sequence[str] = (), *, source: str = "<config>"
-) -> RunConfig:
+def validate_tree(
+    model: type[M], raw: Mapping[str, Any] | None, overrides: Sequence[str] = (), *, source: str
+) -> M:
+    """Apply ``--set`` overrides to a raw mapping and validate it as ``model`` (any config kind)."""
     tree: dict[str, Any] = json.loads(json.dumps(dict(raw or {}), default=str))
     for key, value in parse_overrides(overrides):
         _set_path(tree, key, value)
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(f"invalid config {source}: {_describe(err)}") from None
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -201,20 +204,30 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return build_config(raw, overrides, source=str(path))
+    return raw
 
 
-def config_dict(config: RunConfig) -> dict[str, Any]:
+def build_config(
+    raw: Mapping[str, Any] | None, overrides: Sequence[str] = (), *, source: str = "<config>"
+) -> RunConfig:
+    return validate_tree(RunConfig, raw, overrides, source=source)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    return build_config(read_yaml(path), overrides, source=str(path))
+
+
+def config_dict(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def config_hash(config: RunConfig) -> str:
+def config_hash(config: BaseModel) -> str:
     """Canonical hash: the same settings give the same hash whatever the YAML layout or key order."""
     blob = json.dumps(config_dict(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def dump_config(config: RunConfig, path: str | Path) -> None:
+def dump_config(config: BaseModel, path: str | Path) -> None:
     text = f"# medfed resolved config; hash {config_hash(config)}\n" + yaml.safe_dump(
         config_dict(config), sort_keys=False
     )

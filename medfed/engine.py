@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,10 @@ def _evaluate_external(
     return multiclass_auc(y, proba), accuracy(y, proba)
 
 
+def _to_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> Params:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 def _prepare_dir(out_dir: Path, config: RunConfig, *, resume: bool) -> None:
     if not resume:
         if (out_dir / "history.jsonl").exists() or (out_dir / "checkpoints").exists():
@@ -200,8 +204,16 @@ def _train_rounds(
                     f"{out_dir}: checkpoint was written by config {ckpt.meta.get('config_hash')}, "
                     f"not {chash}; refusing to mix runs"
                 )
-            global_params, state = ckpt.global_params, ckpt.state
-            runtime.client_states = dict(ckpt.client_states)
+            # Checkpoints hold host tensors; the federation runs where the model is.
+            global_params = _to_device(ckpt.global_params, device)
+            state = replace(
+                ckpt.state,
+                buffers={g: _to_device(b, device) for g, b in ckpt.state.buffers.items()},
+            )
+            runtime.client_states = {
+                site: {g: _to_device(b, device) for g, b in cs.items()}
+                for site, cs in ckpt.client_states.items()
+            }
             start_round = ckpt.round_idx + 1
             wall_offset = float(ckpt.meta.get("wall_seconds", 0.0))
             history = History.resume(hist_path, upto_round=ckpt.round_idx)
@@ -337,8 +349,12 @@ def run(
     resume: bool = False,
     federation: Federation | None = None,
     progress: bool = True,
+    tag: str = "",
 ) -> RunResult:
-    """Run ``config`` into ``out_dir``; see README for the files written there."""
+    """Run ``config`` into ``out_dir``; see README for the files written there.
+
+    ``tag`` prefixes progress labels (a study shows which network is training).
+    """
     out_dir = Path(out_dir)
     fed = federation if federation is not None else build_federation(config)
     unknown = sorted({f.site for f in config.faults} - set(fed.names))
@@ -363,7 +379,7 @@ def run(
             fraction=fcfg.fraction,
             out_dir=out_dir,
             resume=resume,
-            label="federated",
+            label=f"{tag}federated",
             **common,  # type: ignore[arg-type]
         )
     if config.paradigm is Paradigm.CENTRALIZED:
@@ -378,7 +394,7 @@ def run(
             fraction=1.0,
             out_dir=out_dir,
             resume=resume,
-            label="centralized",
+            label=f"{tag}centralized",
             **common,  # type: ignore[arg-type]
         )
     # Local-only: each site trains alone; every model is judged on everyone's validation data.
@@ -394,7 +410,7 @@ def run(
             fraction=1.0,
             out_dir=out_dir / "local" / site.name,
             resume=resume and (out_dir / "local" / site.name).exists(),
-            label=f"local {site.name}",
+            label=f"{tag}local {site.name}",
             **common,  # type: ignore[arg-type]
         )
     summary = {

@@ -28,6 +28,7 @@ def _check_tensors(
     extra = sorted(set(tensors) - set(exact_keys))
     if extra:
         return f"{what}: unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}"
+    floats: list[str] = []
     for key in sorted(exact_keys):
         t, ref = tensors[key], reference[key]
         if not isinstance(t, torch.Tensor):
@@ -37,7 +38,14 @@ def _check_tensors(
         if t.dtype != ref.dtype:
             return f"{what}: {key!r} has dtype {t.dtype}, expected {ref.dtype}"
         if t.is_floating_point():
-            bad = int((~torch.isfinite(t)).sum())
+            floats.append(key)
+    if floats:
+        # All non-finite counts in one device->host transfer, not one sync per tensor.
+        device = tensors[floats[0]].device
+        counts = torch.stack(
+            [(~torch.isfinite(tensors[k])).sum().to(device) for k in floats]
+        ).tolist()
+        for key, bad in zip(floats, counts, strict=True):
             if bad:
                 return f"{what}: {key!r} has {bad} non-finite (NaN/Inf) values"
     return None
@@ -64,15 +72,21 @@ def validate_update(
     for name, value in update.metrics.items():
         if not math.isfinite(float(value)):
             return f"metric {name!r} is not finite ({value})"
-    delta_sq = ref_sq = 0.0
-    for key in keys:
+    delta_parts, ref_parts = [], []
+    for key in sorted(keys):
         ref = global_params[key]
         if not ref.is_floating_point():
             continue
-        t = update.params[key].double()
+        t = update.params[key].double().to(ref.device)
         d = t if update.kind is ParamKind.DELTA else t - ref.double()
-        delta_sq += float(d.pow(2).sum())
-        ref_sq += float(ref.double().pow(2).sum())
+        delta_parts.append(d.pow(2).sum())
+        ref_parts.append(ref.double().pow(2).sum())
+    if not delta_parts:
+        return None
+    # Summed on the device; one transfer for both norms.
+    delta_sq, ref_sq = torch.stack(
+        [torch.stack(delta_parts).sum(), torch.stack(ref_parts).sum()]
+    ).tolist()
     delta_norm, ref_norm = math.sqrt(delta_sq), math.sqrt(ref_sq)
     if delta_norm > max_relative_norm * max(ref_norm, 1e-12):
         return (

@@ -108,9 +108,11 @@ def _weighted_mean64(params_list: Sequence[Params], weights: Sequence[float]) ->
         raise ValueError("weights sum to zero")
     out: Params = {}
     for k in keys:
-        acc = torch.zeros(params_list[0][k].shape, dtype=COMPUTE_DTYPE)
+        ref = params_list[0][k]
+        # On the updates' own device: a GPU federation aggregates without host copies.
+        acc = torch.zeros(ref.shape, dtype=COMPUTE_DTYPE, device=ref.device)
         for p, wi in zip(params_list, w, strict=True):
-            acc.add_(to_compute(p[k]).cpu(), alpha=wi)
+            acc.add_(to_compute(p[k]).to(ref.device), alpha=wi)
         out[k] = acc.div_(total)
     return out
 
@@ -131,7 +133,8 @@ def weighted_mean(
 
 def _sorted_stack(params_list: Sequence[Params], key: str) -> torch.Tensor:
     """(n, *shape) float64 stack sorted along clients; NaN sorts last (counted as largest)."""
-    stacked = torch.stack([to_compute(p[key]).cpu() for p in params_list])
+    device = params_list[0][key].device
+    stacked = torch.stack([to_compute(p[key]).to(device) for p in params_list])
     return torch.sort(stacked, dim=0).values
 
 
@@ -187,10 +190,11 @@ def pairwise_sq_distances(params_list: Sequence[Params]) -> torch.Tensor:
     n = len(params_list)
     dist = torch.zeros((n, n), dtype=COMPUTE_DTYPE)
     for k in keys:
-        flat = [to_compute(p[k]).cpu().reshape(-1) for p in params_list]
+        device = params_list[0][k].device
+        flat = [to_compute(p[k]).to(device).reshape(-1) for p in params_list]
         for i in range(n):
             for j in range(i + 1, n):
-                d = torch.sum((flat[i] - flat[j]) ** 2)
+                d = float(torch.sum((flat[i] - flat[j]) ** 2))
                 dist[i, j] += d
                 dist[j, i] += d
     return dist

@@ -115,8 +115,12 @@ def load_params(model: nn.Module, params: Params, device: torch.device) -> None:
 
 
 def read_params(model: nn.Module) -> Params:
-    """A detached CPU copy of the model's full state (parameters and buffers)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    """A detached copy of the model's full state (parameters and buffers), on the model's device.
+
+    Kept on the device so a GPU federation validates and aggregates without host round-trips;
+    checkpoints and any transport move tensors to the host themselves.
+    """
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def weights_update(site: str, model: nn.Module, result: TrainResult) -> Update:

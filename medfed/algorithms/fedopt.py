@@ -167,10 +167,10 @@ class FedOpt(AlgorithmBase):
         m_new: Params = {}
         v_new: Params = {}
         for k in self._opt_keys:
-            x = to_compute(global_params[k]).cpu()
-            delta = mean[k] - x
-            m = b1 * to_compute(m_old[k]).cpu() + (1 - b1) * delta
-            v = self._second_moment(to_compute(v_old[k]).cpu(), delta)
+            x = to_compute(global_params[k])
+            delta = mean[k].to(x.device) - x
+            m = b1 * to_compute(m_old[k]).to(x.device) + (1 - b1) * delta
+            v = self._second_moment(to_compute(v_old[k]).to(x.device), delta)
             new[k] = cast_like(x + lr * m / (torch.sqrt(v) + self.options.tau), global_params[k])
             m_new[k] = cast_like(m, m_old[k])
             v_new[k] = cast_like(v, v_old[k])

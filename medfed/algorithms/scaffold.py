@@ -141,15 +141,16 @@ class Scaffold(AlgorithmBase):
         new: Params = {}
         for k, avg in mean.items():
             if k in ckeys:
-                x = to_compute(global_params[k]).cpu()
-                new[k] = cast_like(x + lr_g * (avg - x), global_params[k])
+                x = to_compute(global_params[k])
+                new[k] = cast_like(x + lr_g * (avg.to(x.device) - x), global_params[k])
             else:  # buffers: plain weighted mean
                 new[k] = cast_like(avg, global_params[k])
 
         mean_dc = _weighted_mean64([dict(u.extras[DELTA_CONTROL]) for u in ups], [1.0] * len(ups))
         frac = len(ups) / self._num_sites
         c_new = {
-            k: cast_like(to_compute(c_old[k]).cpu() + frac * mean_dc[k], c_old[k]) for k in c_old
+            k: cast_like(to_compute(c_old[k]) + frac * mean_dc[k].to(c_old[k].device), c_old[k])
+            for k in c_old
         }
         return merge(global_params, new), StrategyState(
             round=state.round + 1, buffers={SERVER_CONTROL: c_new}, scalars=dict(state.scalars)
@@ -206,7 +207,7 @@ class Scaffold(AlgorithmBase):
         for k in keys:
             ci = to_compute(c_i[k]).cpu()
             if steps > 0:
-                drift = (to_compute(x[k]).cpu() - to_compute(y[k])) / (steps * lr)
+                drift = (to_compute(x[k]).cpu() - to_compute(y[k]).cpu()) / (steps * lr)
                 new = ci - to_compute(c[k]).cpu() + drift
             else:
                 new = ci

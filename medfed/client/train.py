@@ -7,6 +7,7 @@ make fast: ``loss_term`` (added to each batch loss, e.g. FedProx's proximal term
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -35,7 +36,12 @@ class TrainOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(1, ge=1)
+    epochs: float = Field(
+        1,
+        gt=0,
+        description="local passes over the site's data per round; fractional values train on that "
+        "share of one more pass (how a study splits a pooled-epoch budget into rounds)",
+    )
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per local round")
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -127,21 +133,40 @@ def train_local(
         raise ValueError("cannot train on an empty dataset")
     start = time.perf_counter()
     model.train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest
     if device.type == "cuda" and opts.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, opts)
     images, labels = data.images.to(device), data.labels.to(device)
+    n = len(data)
     total_loss = torch.zeros((), device=device)
     seen = steps = 0
-    done = False
-    for _ in range(opts.epochs):
-        for idx in batches(len(data), opts.batch_size, generator=generator, shuffle=True):
-            idx_d = idx.to(device)
-            x = to_input(images[idx_d], device, normalize=opts.normalize)
-            y = labels[idx_d]
-            if opts.augment:
-                flip = torch.rand(len(idx), generator=generator) < 0.5
-                x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+    full_passes = math.floor(opts.epochs)
+    passes = math.ceil(opts.epochs)
+    for epoch in range(passes):
+        # The last pass of a fractional budget stops after its share of the data.
+        quota = n if epoch < full_passes else max(1, round((opts.epochs - full_passes) * n))
+        # One host->device copy per pass for the order and the flips: nothing inside the step
+        # loop waits on the host, so a GPU stays busy.
+        order = torch.randperm(n, generator=generator).to(device, non_blocking=True)
+        flips = (
+            (torch.rand(n, generator=generator) < 0.5).to(device, non_blocking=True)
+            if opts.augment
+            else None
+        )
+        in_pass = 0
+        for start in range(0, n, opts.batch_size):
+            if in_pass >= quota:
+                break
+            stop = min(start + opts.batch_size, n)
+            if stop - start < 2 and n > 1:
+                break  # BatchNorm cannot train on a trailing batch of one
+            idx = order[start:stop]
+            x = to_input(images[idx], device, normalize=opts.normalize)
+            y = labels[idx]
+            if flips is not None:
+                x = torch.where(flips[start:stop, None, None, None], x.flip(-1), x)
             if device.type == "cuda" and opts.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, opts.amp):
@@ -153,13 +178,13 @@ def train_local(
             if grad_hook is not None:
                 grad_hook(model)
             optimizer.step()
-            total_loss += loss.detach() * len(idx)
-            seen += len(idx)
+            total_loss += loss.detach() * (stop - start)
+            seen += stop - start
+            in_pass += stop - start
             steps += 1
             if opts.max_steps is not None and steps >= opts.max_steps:
-                done = True
                 break
-        if done:
+        if opts.max_steps is not None and steps >= opts.max_steps:
             break
     mean_loss = float(total_loss.item()) / max(seen, 1)
     return TrainResult(mean_loss, seen, steps, time.perf_counter() - start)
@@ -182,7 +207,8 @@ def predict_proba(
         x = to_input(data.images[idx], device, normalize=normalize)
         with _autocast(device, amp):
             logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
+        out.append(torch.softmax(logits.float(), dim=1))
     if not out:
         return np.zeros((0, 2), dtype=np.float64)
-    return torch.cat(out).double().numpy()
+    # One device->host copy for the whole split, not one per batch.
+    return torch.cat(out).cpu().double().numpy()

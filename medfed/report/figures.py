@@ -1,0 +1,233 @@
+"""Figures as PNG bytes, ready to inline as data URIs.
+
+Built on ``matplotlib.figure.Figure`` with the Agg canvas rather than ``pyplot``: no global
+backend switch (importing the report from a notebook must not break its plots) and no figure
+registry to leak when a report is generated inside a long-running process.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from medfed.report.load import (
+    CENTRALIZED,
+    EXTERNAL,
+    FEDERATED,
+    LOCAL_PREFIX,
+    SITE_PREFIX,
+    Curve,
+    RoundPoint,
+    Study,
+)
+from medfed.report.text import fmt_score, paradigm_label, split_label
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies.
+CENTRAL_COLOR = "#0072B2"
+FEDERATED_COLOR = "#D55E00"
+LOCAL_COLOR = "#009E73"
+LOCAL_PALETTE = ("#56B4E9", "#E69F00", "#009E73", "#CC79A7", "#999999", "#8C564B", "#BCBD22")
+DPI = 110
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+    "text.parse_math": False,  # a "$" in a site name must print, not start mathtext
+}
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+@contextmanager
+def _figure(width: float, height: float) -> Iterator[tuple[Figure, io.BytesIO]]:
+    buf = io.BytesIO()
+    with mpl.rc_context(cast(Any, STYLE)):  # matplotlib types rc keys as a Literal union
+        fig = Figure(figsize=(width, height), layout="constrained")
+        FigureCanvasAgg(fig)
+        yield fig, buf
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(FPR, TPR) at every distinct threshold; ``None`` when one class is absent."""
+    s = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(s)  # a diverged model's NaN scores cannot be ranked
+    y, s = np.asarray(labels).astype(bool)[finite], s[finite]
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
+
+
+def _roc_axes(ax: Axes, study: Study, network: str, split: str) -> None:
+    locals_ = study.meta.locals
+    lines: dict[str, Line2D] = {}
+    (lines["chance"],) = ax.plot([0, 1], [0, 1], color="#BBBBBB", lw=0.8, ls="--", label="Chance")
+    # Drawn locals first so federated ends on top; listed federated first in the legend.
+    for i, p in enumerate((*locals_, CENTRALIZED, FEDERATED)):
+        if not study.has(p):
+            continue
+        curve: Curve | None = study.predictions.get((network, p, split))
+        pts = roc_points(curve.labels, curve.scores) if curve is not None else None
+        if pts is None:
+            continue
+        m = study.metrics(network, p, split)
+        label = f"{paradigm_label(p)} (AUC {fmt_score(m.value('auc'))})"
+        if p.startswith(LOCAL_PREFIX):
+            color = LOCAL_PALETTE[i % len(LOCAL_PALETTE)]
+            (lines[p],) = ax.plot(*pts, color=color, lw=0.9, alpha=0.6, label=label)
+        else:
+            color = FEDERATED_COLOR if p == FEDERATED else CENTRAL_COLOR
+            (lines[p],) = ax.plot(*pts, color=color, lw=2.0, label=label, zorder=3)
+            sens, spec = m.value("sensitivity"), m.value("specificity")
+            if sens is not None and spec is not None:
+                ax.plot(1 - spec, sens, "o", color=color, ms=5, zorder=4, mec="white")
+    if len(lines) == 1:
+        ax.text(0.5, 0.5, "no predictions recorded", ha="center", va="center", color="#666666")
+    title = split_label(split)
+    if split == EXTERNAL and study.meta.external_site:
+        title += f" ({study.meta.external_site})"
+    ax.set_title(title)
+    ax.set_xlabel("1 − specificity (false-positive rate)")
+    ax.set_ylabel("Sensitivity (true-positive rate)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.25)
+    order = [k for k in (FEDERATED, CENTRALIZED, *locals_, "chance") if k in lines]
+    ax.legend(handles=[lines[k] for k in order], loc="lower right", fontsize=7)
+
+
+def roc_figure(study: Study, network: str) -> bytes:
+    """Internal and external ROC side by side; dots mark each model's operating threshold."""
+    splits = study.meta.splits
+    with _figure(4.6 * len(splits), 4.8) as (fig, buf):
+        for ax, split in zip(fig.subplots(1, len(splits), squeeze=False)[0], splits, strict=True):
+            _roc_axes(ax, study, network, split)
+    return buf.getvalue()
+
+
+def _series(points: tuple[RoundPoint, ...], attr: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for pt in points:
+        v = getattr(pt, attr)
+        xs.append(pt.round + 1)
+        ys.append(math.nan if v is None else v)
+    return xs, ys
+
+
+def learning_figure(study: Study, network: str) -> bytes | None:
+    """Federated AUC and train loss per round, centralized (same budget per round) for reference.
+
+    ``None`` when neither run recorded a history, so the caller can say so instead of showing
+    empty axes that look like a failed model.
+    """
+    hist = study.histories.get(network, {})
+    runs = [(p, hist.get(p)) for p in (FEDERATED, CENTRALIZED)]
+    runs_with = [(p, pts) for p, pts in runs if pts]
+    if not runs_with:
+        return None
+    with _figure(9.2, 3.6) as (fig, buf):
+        ax_auc, ax_loss = fig.subplots(1, 2)
+        for p, pts in runs_with:
+            assert pts is not None
+            color = FEDERATED_COLOR if p == FEDERATED else CENTRAL_COLOR
+            name = paradigm_label(p)
+            ax_auc.plot(
+                *_series(pts, "val_auc"), "-o", color=color, ms=3, label=f"{name}, internal"
+            )
+            if any(pt.external_auc is not None for pt in pts):
+                ext = _series(pts, "external_auc")
+                ax_auc.plot(*ext, "--s", color=color, ms=3, alpha=0.8, label=f"{name}, external")
+            if any(pt.train_loss is not None for pt in pts):
+                ax_loss.plot(*_series(pts, "train_loss"), "-o", color=color, ms=3, label=name)
+        ax_auc.set_title("Validation AUC")
+        # Chance to perfect, widened only if a run starts below chance: autoscaling would
+        # magnify a 0.001 wiggle near 1.0 into a dramatic-looking curve.
+        aucs = [
+            v for _, pts in runs_with for pt in pts or () for v in (pt.val_auc, pt.external_auc)
+        ]
+        low = min([0.5, *(v for v in aucs if v is not None)])
+        ax_auc.set_ylim(math.floor(low * 20) / 20, 1.01)
+        ax_auc.set_xlabel("Round")
+        ax_auc.set_ylabel("AUC")
+        ax_loss.set_title("Mean training loss (example-weighted over sites)")
+        ax_loss.set_xlabel("Round")
+        ax_loss.set_ylabel("Loss")
+        for ax in (ax_auc, ax_loss):
+            ax.grid(alpha=0.25)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            if ax.has_data():
+                ax.legend(fontsize=7)
+        missing = [paradigm_label(p) for p, pts in runs if not pts]
+        if missing:
+            fig.suptitle(f"No history recorded for: {', '.join(missing)}", fontsize=8, color="#666")
+    return buf.getvalue()
+
+
+def site_figure(study: Study, network: str) -> bytes:
+    """Per site, three bars: centralized, federated, and that site's own local model."""
+    sites = study.meta.sites
+    bars = (
+        (CENTRALIZED, CENTRAL_COLOR, "Centralized"),
+        (FEDERATED, FEDERATED_COLOR, "Federated"),
+        (None, LOCAL_COLOR, "Local (own site)"),
+    )
+    width = 0.26
+    x = np.arange(len(sites))
+    with _figure(max(4.4, 0.9 * len(sites) + 1.6), 3.4) as (fig, buf):
+        ax = fig.subplots()
+        for k, (paradigm, color, label) in enumerate(bars):
+            vals, err_lo, err_hi = [], [], []
+            for site in sites:
+                p = paradigm or LOCAL_PREFIX + site
+                m = (
+                    study.metrics(network, p, SITE_PREFIX + site)
+                    if p in study.meta.paradigms
+                    else None
+                )
+                v = m.value("auc") if m is not None else None
+                ci = m.ci("auc") if m is not None else None
+                v_num = math.nan if v is None else v
+                lo = ci[0] if ci is not None and ci[0] is not None else v_num
+                hi = ci[1] if ci is not None and ci[1] is not None else v_num
+                vals.append(v_num)
+                err_lo.append(max(v_num - lo, 0.0) if not math.isnan(v_num) else 0.0)
+                err_hi.append(max(hi - v_num, 0.0) if not math.isnan(v_num) else 0.0)
+            ax.bar(
+                x + (k - 1) * width,
+                vals,
+                width,
+                yerr=[err_lo, err_hi],
+                color=color,
+                label=label,
+                error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"},
+            )
+        ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
+        ax.set_xticks(x, list(sites))
+        ax.set_ylabel("AUC on the site's own validation split")
+        ax.set_ylim(0.0, 1.05)  # bars start at zero: a truncated axis inflates the gaps
+        ax.grid(axis="y", alpha=0.25)
+        ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.12))
+    return buf.getvalue()

@@ -1,0 +1,276 @@
+"""Number formatting and the "what this means" prose, shared by the HTML and Markdown reports.
+
+One formatter for both outputs so a number a clinician reads in the HTML is, character for
+character, the number in the Markdown. Proportions are percentages with one decimal; scores (AUC,
+F1) keep three decimals, which is where the differences the study is about live.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from medfed.report.load import (
+    CENTRALIZED,
+    CI,
+    EXTERNAL,
+    FEDERATED,
+    INTERNAL,
+    LOCAL_PREFIX,
+    SITE_PREFIX,
+    Study,
+)
+
+DASH = "—"
+ALPHA = 0.05
+"""Significance level for every DeLong test the report words as (not) significant."""
+EQUIVALENCE_MARGIN = 0.03
+"""|federated − centralized| AUC the project treats as clinically negligible."""
+SCORES = frozenset({"auc", "f1"})
+METRIC_LABELS = {
+    "auc": "AUC",
+    "accuracy": "Accuracy",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "f1": "F1",
+}
+
+
+def _missing(x: float | None) -> bool:
+    return x is None or math.isnan(x)
+
+
+def fmt_score(x: float | None) -> str:
+    return DASH if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def fmt_pct(x: float | None) -> str:
+    return DASH if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def fmt_metric(metric: str, x: float | None) -> str:
+    return fmt_score(x) if metric in SCORES else fmt_pct(x)
+
+
+def fmt_ci(metric: str, ci: CI | None) -> str:
+    """``[lo–hi]``, or nothing: a half-known interval would read as a real one."""
+    if ci is None or _missing(ci[0]) or _missing(ci[1]):
+        return ""
+    lo, hi = ci
+    assert lo is not None and hi is not None
+    if metric in SCORES:
+        return f"[{lo:.3f}–{hi:.3f}]"
+    return f"[{100 * lo:.1f}–{100 * hi:.1f}]"
+
+
+def fmt_diff(x: float | None) -> str:
+    if x is None or math.isnan(x):
+        return DASH
+    return f"{'−' if x < 0 else '+'}{abs(x):.3f}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return DASH
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_phrase(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "p not available"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def fmt_int(x: int | float | None) -> str:
+    return DASH if x is None or math.isnan(x) else f"{round(x):,}"
+
+
+def fmt_seconds(x: float | None) -> str:
+    return DASH if x is None or math.isnan(x) else f"{x:,.1f}"
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Decimal units (1 MB = 10⁶ bytes), as network links are sold."""
+    if n is None or math.isnan(n):
+        return DASH
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def paradigm_label(paradigm: str) -> str:
+    if paradigm.startswith(LOCAL_PREFIX):
+        return f"Local ({paradigm.removeprefix(LOCAL_PREFIX)})"
+    return paradigm.capitalize()
+
+
+def split_label(split: str) -> str:
+    if split.startswith(SITE_PREFIX):
+        return split.removeprefix(SITE_PREFIX)
+    return {INTERNAL: "Internal validation", EXTERNAL: "External validation"}.get(split, split)
+
+
+def verdict(difference: float | None, p: float | None) -> str:
+    """Words for a two-sided test: a difference is only called higher/lower when significant."""
+    if _missing(p) or _missing(difference):
+        return "not tested"
+    assert p is not None and difference is not None
+    if p >= ALPHA:
+        return "no significant difference"
+    return "significantly higher" if difference > 0 else "significantly lower"
+
+
+def within_margin(difference: float | None) -> bool | None:
+    if difference is None or math.isnan(difference):
+        return None
+    return round(abs(difference), 12) <= EQUIVALENCE_MARGIN
+
+
+def _auc_ci(study: Study, network: str, paradigm: str, split: str) -> str:
+    m = study.metrics(network, paradigm, split)
+    ci = fmt_ci("auc", m.ci("auc"))
+    return f"{fmt_score(m.value('auc'))} {ci}".rstrip()
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _versus_locals(study: Study, network: str, split: str) -> str:
+    """Federated vs the average site-alone model, then how many locals it significantly beats."""
+    locals_ = study.meta.locals
+    fed = study.metrics(network, FEDERATED, split).value("auc")
+    mean_local = _mean([study.metrics(network, p, split).value("auc") for p in locals_])
+    if fed is None or mean_local is None:
+        return ""
+    a, b = round(fed, 3), round(mean_local, 3)  # compare what the reader sees
+    word = "beats" if a > b else ("trails" if a < b else "matches")
+    text = (
+        f"federated ({fmt_score(fed)}) {word} the mean local-only model ({fmt_score(mean_local)})"
+    )
+    tests = [study.comparison(network, split, FEDERATED, p) for p in locals_]
+    done = [c for c in tests if c is not None and not _missing(c.p_value)]
+    if done:
+        better = sum(1 for c in done if verdict(c.difference, c.p_value) == "significantly higher")
+        worse = sum(1 for c in done if verdict(c.difference, c.p_value) == "significantly lower")
+        if better:
+            text += f"; it is significantly better than {better} of {len(done)} local models"
+        else:
+            text += f"; it is not significantly better than any of the {len(done)} local models"
+        if worse:
+            text += f" and significantly worse than {worse}"
+    return text
+
+
+def _own_sites(study: Study, network: str) -> str:
+    """At each site, federated vs the model that site could have trained alone, on its own data."""
+    wins, ties, compared = 0, 0, 0
+    for site in study.meta.sites:
+        local = LOCAL_PREFIX + site
+        if local not in study.meta.paradigms:
+            continue
+        split = SITE_PREFIX + site
+        fed = study.metrics(network, FEDERATED, split).value("auc")
+        own = study.metrics(network, local, split).value("auc")
+        if fed is None or own is None:
+            continue
+        compared += 1
+        wins += round(fed, 3) > round(own, 3)  # as printed: a 0.0004 edge is not a win
+        ties += round(fed, 3) == round(own, 3)
+    if not compared:
+        return ""
+    tied = f" (tied at {ties})" if ties else ""
+    return (
+        f"On each site's own validation split, the federated model has a higher AUC than that "
+        f"site's local model at {wins} of {compared} sites{tied}."
+    )
+
+
+def _margin_sentence(margins: list[tuple[bool, str]]) -> str:
+    """Whether the point difference sits within the equivalence margin, split by split."""
+    word = {True: "within", False: "outside"}
+    first_in, first_where = margins[0]
+    text = f"The federated model is {word[first_in]} {EQUIVALENCE_MARGIN:.2f} AUC of centralized"
+    if len(margins) == 1:
+        return f"{text} {first_where}."
+    if all(inside == first_in for inside, _ in margins):
+        return f"{text} both {first_where} and " + " and ".join(w for _, w in margins[1:]) + "."
+    rest = " and ".join(f"{word[i]} it {w}" for i, w in margins[1:])
+    return f"{text} {first_where}, but {rest}."
+
+
+def fmt_date(created: str) -> str:
+    try:
+        return datetime.fromisoformat(created).strftime("%d %B %Y, %H:%M %Z").strip()
+    except ValueError:
+        return created
+
+
+def _versus_central(study: Study, net: str) -> list[str]:
+    """Federated vs centralized per pooled split, then the equivalence-margin sentence."""
+    parts, margins = [], []
+    for split in study.meta.splits:
+        c = study.comparison(net, split, FEDERATED, CENTRALIZED)
+        diff = c.difference if c is not None else None
+        p = c.p_value if c is not None else None
+        fed = _auc_ci(study, net, FEDERATED, split)
+        cen = _auc_ci(study, net, CENTRALIZED, split)
+        if split == INTERNAL:
+            where = "on internal validation"
+            lead = f"Federated AUC {fed} vs centralized {cen} {where}"
+        else:
+            where = f"on the external site ({study.meta.external_site})"
+            lead = f"On the external site ({study.meta.external_site}): {fed} vs {cen}"
+        parts.append(f"{lead} (difference {fmt_diff(diff)}): {verdict(diff, p)} ({p_phrase(p)}).")
+        inside = within_margin(diff)
+        if inside is not None:
+            margins.append((inside, where))
+    if margins:
+        parts.append(_margin_sentence(margins))
+    return parts
+
+
+def narrative(study: Study) -> list[tuple[str, str]]:
+    """Per network, ``(name, paragraph)``: plain, unescaped sentences built from the numbers."""
+    out = []
+    for net in study.meta.networks:
+        if not study.has(FEDERATED):
+            out.append((net, "This study trained no federated model; see the tables below."))
+            continue
+        parts = _versus_central(study, net) if study.has(CENTRALIZED) else []
+        for split in study.meta.splits:
+            if t := _versus_locals(study, net, split):
+                where = "internal validation" if split == INTERNAL else "the external site"
+                parts.append(f"On {where}, {t}.")
+        if own := _own_sites(study, net):
+            parts.append(own)
+        out.append((net, " ".join(parts) or "No comparison is available for this network."))
+    return out
+
+
+def method_note(study: Study) -> str:
+    """The caveats a reader needs before trusting any number below."""
+    m = study.meta
+    boot = m.bootstrap
+    return (
+        f"Differences are federated minus centralized AUC; p-values are from DeLong's test for "
+        f"correlated ROC curves (two-sided, α = {ALPHA:g}). “Within {EQUIVALENCE_MARGIN:.2f} AUC” "
+        f"compares the point estimate with the project's equivalence margin; it is not a formal "
+        f"equivalence test. Intervals are {boot.level:.0%} confidence intervals; those of the "
+        f"operating-point metrics come from {boot.n_resamples:,} bootstrap resamples (seed "
+        f"{boot.seed}). Decision threshold: "
+        f"{m.threshold_rule}."
+    )
+
+
+def budget_sentence(study: Study) -> str:
+    b = study.meta.budget
+    total = b.train_images * b.pooled_epochs
+    return (
+        f"Every paradigm saw {fmt_int(total)} training images = {b.pooled_epochs:g} pooled epochs "
+        f"of the {b.train_images:,} pooled training images (federated: {b.rounds} rounds)."
+    )

@@ -1,0 +1,148 @@
+"""What a study is: the networks, the paradigms, one training budget, and the statistics.
+
+A study config is validated data like a run config, and every (network, paradigm) pair becomes an
+ordinary :class:`~medfed.config.RunConfig`, so the study trains through the same engine, with the
+same checkpoints and resume, as ``medfed run``.
+
+Equal budgets (FLamby's protocol): ``budget.pooled_epochs`` = E is how many passes over the pooled
+training data each paradigm gets. With R rounds, every round trains E/R local epochs (E/(R·fraction)
+for a federation that samples a fraction of its sites), so centralized, federated and the sum of
+the local-only models all see E × N training images.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from medfed.client.train import TrainOptions
+from medfed.config import (
+    CheckpointConfig,
+    DataConfig,
+    FederationConfig,
+    ModelConfig,
+    RunConfig,
+    ValidationConfig,
+    _Section,
+    read_yaml,
+    validate_tree,
+)
+from medfed.types import Paradigm
+
+# Top-level keys of results.json besides the networks; a network may not be called like these.
+RESERVED_KEYS = frozenset({"comparisons", "timing", "config_hash", "meta"})
+# Options the study derives from its budget; setting them by hand would break equal budgets.
+DERIVED_TRAIN_OPTIONS = frozenset({"epochs", "max_steps"})
+
+
+class NetworkSpec(_Section):
+    label: str = Field(description="display name, e.g. ResNet50; the key in results.json")
+    model: ModelConfig
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="per-network changes to the study's shared train options, e.g. {lr: 0.01}",
+    )
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("label must not be empty")
+        if v in RESERVED_KEYS:
+            raise ValueError(f"label {v!r} is reserved in results.json; choose another")
+        return v
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: dict[str, Any]) -> dict[str, Any]:
+        derived = sorted(DERIVED_TRAIN_OPTIONS & set(v))
+        if derived:
+            raise ValueError(f"{derived} are derived from budget.pooled_epochs; do not set them")
+        TrainOptions.model_validate(v)  # unknown keys and bad values fail here, naming the key
+        return v
+
+    @property
+    def slug(self) -> str:
+        """Folder name: the label lower-cased, runs of other characters turned into '-'."""
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-") or "network"
+
+
+class BudgetConfig(_Section):
+    pooled_epochs: float = Field(
+        gt=0, description="passes over the pooled training data that every paradigm gets"
+    )
+
+
+class StatsConfig(_Section):
+    bootstrap_resamples: int = Field(1000, ge=50)
+    level: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of every interval")
+    seed: int = 0
+
+
+class StudyConfig(_Section):
+    name: str = "study"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    networks: list[NetworkSpec] = Field(min_length=1)
+    paradigms: list[Paradigm] = Field(
+        default_factory=lambda: [Paradigm.CENTRALIZED, Paradigm.FEDERATED, Paradigm.LOCAL]
+    )
+    budget: BudgetConfig
+    train: TrainOptions = Field(default_factory=TrainOptions)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyConfig:
+        derived = sorted(DERIVED_TRAIN_OPTIONS & self.train.model_fields_set)
+        if derived:
+            raise ValueError(
+                f"train.{derived[0]} is derived from budget.pooled_epochs and "
+                "federation.rounds (equal budgets); do not set it"
+            )
+        labels = [n.label for n in self.networks]
+        slugs = [n.slug for n in self.networks]
+        if len(set(labels)) != len(labels) or len(set(slugs)) != len(slugs):
+            raise ValueError(f"network labels must be unique (also as folder names): {labels}")
+        if len(set(self.paradigms)) != len(self.paradigms):
+            raise ValueError(f"paradigms listed twice: {[str(p) for p in self.paradigms]}")
+        return self
+
+    def epochs_per_round(self, paradigm: Paradigm) -> float:
+        rounds = self.federation.rounds
+        share = self.federation.fraction if paradigm is Paradigm.FEDERATED else 1.0
+        return self.budget.pooled_epochs / (rounds * share)
+
+    def run_config(self, network: NetworkSpec, paradigm: Paradigm) -> RunConfig:
+        """The ordinary run that trains ``network`` under ``paradigm`` within the study budget."""
+        train = self.train.model_dump() | network.train
+        train["epochs"] = self.epochs_per_round(paradigm)
+        return RunConfig(
+            name=f"{self.name}-{network.slug}-{paradigm}",
+            seed=self.seed,
+            paradigm=paradigm,
+            device=self.device,
+            data=self.data,
+            model=network.model,
+            train=TrainOptions.model_validate(train),
+            federation=self.federation,
+            validation=self.validation,
+            checkpoint=self.checkpoint,
+        )
+
+
+def build_study_config(
+    raw: dict[str, Any] | None, overrides: Sequence[str] = (), *, source: str = "<study>"
+) -> StudyConfig:
+    return validate_tree(StudyConfig, raw, overrides, source=source)
+
+
+def load_study_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
+    return build_study_config(read_yaml(path), overrides, source=str(path))

@@ -1,0 +1,341 @@
+"""``medfed study``: train every network centralized, federated and local-only, then score and
+compare them on the same cases.
+
+Each (network, paradigm) is an ordinary engine run in ``DIR/runs/<network>/<paradigm>/`` with its
+own checkpoints, so a study that dies resumes where it stopped: finished runs are skipped (their
+``summary.json`` carries the config hash), an interrupted run continues from its last round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from torch import nn
+
+from medfed.algorithms import STRATEGIES, FederationContext
+from medfed.algorithms.base import load_params
+from medfed.checkpoint import load_latest
+from medfed.client.train import predict_proba, resolve_device
+from medfed.config import RunConfig, config_hash
+from medfed.data.site import ArrayDataset, Federation, Site
+from medfed.engine import build_model
+from medfed.engine import run as run_engine
+from medfed.study.config import (
+    DERIVED_TRAIN_OPTIONS,
+    NetworkSpec,
+    StudyConfig,
+    load_study_config,
+)
+from medfed.study.stats import (
+    ModelKey,
+    Split,
+    SplitScores,
+    local_key,
+    study_results,
+    write_predictions,
+)
+from medfed.types import Paradigm, Params
+
+THRESHOLD_RULE = (
+    "Youden's J on the pooled internal validation split, applied unchanged to every other split"
+)
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on as configured (e.g. its folder holds a different study)."""
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    out_dir: Path
+    results: dict[str, Any]
+    report_html: Path | None
+    report_md: Path | None
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """A finished run, as the models each site would use."""
+
+    global_params: Params
+    for_site: Callable[[str], Params]
+
+
+def _medfed_version() -> str:
+    try:
+        return version("medfed")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _claim_dir(out_dir: Path, config: StudyConfig) -> None:
+    """A study folder belongs to one config; resuming with another would mix results."""
+    marker = out_dir / "study.yaml"
+    if marker.exists():
+        previous = load_study_config(marker)
+        if config_hash(previous) != config_hash(config):
+            raise StudyError(
+                f"{out_dir} holds a study with config {config_hash(previous)}, not "
+                f"{config_hash(config)}; choose another --out (or delete the folder)"
+            )
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Without the derived train options, so the file loads back as the same study.
+    body = config.model_dump(mode="json", exclude={"train": set(DERIVED_TRAIN_OPTIONS)})
+    marker.write_text(
+        f"# medfed resolved study config; hash {config_hash(config)}\n"
+        + yaml.safe_dump(body, sort_keys=False)
+    )
+
+
+def _run_dir(out_dir: Path, network: NetworkSpec, paradigm: Paradigm) -> Path:
+    return out_dir / "runs" / network.slug / str(paradigm)
+
+
+def _train(run_cfg: RunConfig, run_dir: Path, fed: Federation, *, progress: bool, tag: str) -> None:
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        done = json.loads(summary.read_text())
+        if done.get("config_hash") == config_hash(run_cfg):
+            return
+    resume = (run_dir / "config.yaml").is_file()
+    run_engine(run_cfg, out_dir=run_dir, resume=resume, federation=fed, progress=progress, tag=tag)
+
+
+def _trained(
+    run_cfg: RunConfig, run_dir: Path, model: nn.Module, sites: tuple[str, ...]
+) -> _Trained:
+    ckpt = load_latest(run_dir)
+    if ckpt is None:
+        raise StudyError(f"{run_dir}: no checkpoint; the run did not complete a round")
+    if run_cfg.paradigm is Paradigm.FEDERATED:
+        strategy = STRATEGIES.create(
+            run_cfg.federation.strategy.name, run_cfg.federation.strategy.options
+        )
+    else:
+        strategy = STRATEGIES.create("fedavg", {})
+    strategy.init(ckpt.global_params, context=FederationContext(model=model, sites=sites))
+    g, states = ckpt.global_params, ckpt.client_states
+    # Personalised algorithms (FedBN) score each site's cases with that site's own model.
+    return _Trained(g, lambda site: strategy.personalize(g, states.get(site, {})))
+
+
+def _case_ids(site: Site, data: ArrayDataset) -> tuple[str, ...]:
+    return data.case_ids or tuple(f"{site.name}-{i:05d}" for i in range(len(data)))
+
+
+def _score(
+    model: nn.Module, trained: _Trained, fed: Federation, config: RunConfig, device: torch.device
+) -> dict[Split, SplitScores]:
+    def predict(params: Params, data: ArrayDataset) -> np.ndarray:
+        load_params(model, params, device)
+        proba = predict_proba(
+            model,
+            data,
+            device=device,
+            batch_size=config.train.eval_batch_size,
+            normalize=config.train.normalize,
+        )
+        return proba[:, 1]
+
+    sites: list[str] = []
+    cases: list[str] = []
+    labels: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    for site in fed.sites:
+        if len(site.val) == 0:
+            continue
+        sites += [site.name] * len(site.val)
+        cases += _case_ids(site, site.val)
+        labels.append(site.val.labels.numpy())
+        scores.append(predict(trained.for_site(site.name), site.val))
+    out = {
+        Split.INTERNAL: SplitScores(
+            sites=tuple(sites),
+            case_ids=tuple(cases),
+            labels=np.concatenate(labels),
+            scores=np.concatenate(scores),
+        )
+    }
+    ext = fed.external
+    if ext is not None and len(ext.val):
+        out[Split.EXTERNAL] = SplitScores(
+            sites=(ext.name,) * len(ext.val),
+            case_ids=_case_ids(ext, ext.val),
+            labels=ext.val.labels.numpy(),
+            scores=predict(trained.global_params, ext.val),
+        )
+    return out
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _timing(run_dir: Path) -> dict[str, float]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    images = sum(
+        site["examples"]
+        for row in _read_history(run_dir / "history.jsonl")
+        for site in row["sites"].values()
+    )
+    seconds = float(summary["wall_seconds"])
+    return {
+        "seconds": seconds,
+        "train_images": int(images),
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _communication(run_dir: Path) -> dict[str, float]:
+    rows = _read_history(run_dir / "history.jsonl")
+    up = sum(int(r["bytes_up"]) for r in rows)
+    down = sum(int(r["bytes_down"]) for r in rows)
+    return {
+        "rounds": len(rows),
+        "bytes_up": up,
+        "bytes_down": down,
+        "bytes_per_round": (up + down) / len(rows) if rows else 0.0,
+    }
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    out_dir: str | Path,
+    federation: Federation | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> StudyResult:
+    """Train, score, compare and report; see README "medfed study" for the files written."""
+    out_dir = Path(out_dir)
+    _claim_dir(out_dir, config)
+    console = Console(stderr=True, soft_wrap=True, quiet=not progress)
+    if federation is None:
+        from medfed.data.synthetic.ultrasound import synthesize_federation
+
+        console.print("[bold]Preparing the federation[/] (generated once, then cached)")
+        federation = synthesize_federation(config.data.ultrasound, cache_dir=config.data.cache_dir)
+    fed = federation
+    if fed.num_classes > 2:
+        raise StudyError(
+            f"a study compares binary classifiers (ROC, sensitivity, ...); the federation has "
+            f"{fed.num_classes} classes"
+        )
+    device = resolve_device(config.device)
+    site_names = fed.names
+    predictions: dict[ModelKey, dict[Split, SplitScores]] = {}
+    timing: dict[str, dict[str, dict[str, float]]] = {}
+    communication: dict[str, dict[str, float]] = {}
+    histories: dict[str, dict[str, str]] = {}
+    total = len(config.networks) * len(config.paradigms)
+    step = 0
+    t0 = time.perf_counter()
+    for net in config.networks:
+        model: nn.Module | None = None
+        timing[net.label], histories[net.label] = {}, {}
+        for paradigm in config.paradigms:
+            step += 1
+            run_cfg = config.run_config(net, paradigm)
+            run_dir = _run_dir(out_dir, net, paradigm)
+            console.print(
+                f"[bold cyan][{step}/{total}][/] {net.label} ({net.model.name}) · {paradigm} · "
+                f"{run_cfg.federation.rounds} rounds × {run_cfg.train.epochs:g} local epochs"
+            )
+            _train(run_cfg, run_dir, fed, progress=progress, tag=f"{net.label} ")
+            if model is None:
+                model = build_model(run_cfg, fed).to(device)
+            if paradigm is Paradigm.LOCAL:
+                for site in site_names:
+                    site_dir = run_dir / "local" / site
+                    key = local_key(site)
+                    trained = _trained(run_cfg, site_dir, model, (site,))
+                    predictions[(net.label, key)] = _score(model, trained, fed, run_cfg, device)
+                    timing[net.label][key] = _timing(site_dir)
+                    histories[net.label][key] = str(
+                        (site_dir / "history.jsonl").relative_to(out_dir)
+                    )
+                continue
+            train_sites = tuple(site_names) if paradigm is Paradigm.FEDERATED else ("pooled",)
+            trained = _trained(run_cfg, run_dir, model, train_sites)
+            key = str(paradigm)
+            predictions[(net.label, key)] = _score(model, trained, fed, run_cfg, device)
+            timing[net.label][key] = _timing(run_dir)
+            histories[net.label][key] = str((run_dir / "history.jsonl").relative_to(out_dir))
+            if paradigm is Paradigm.FEDERATED:
+                communication[net.label] = _communication(run_dir)
+    console.print("[bold]Statistics[/]: DeLong AUC CIs and tests, stratified bootstrap CIs")
+    labels = [n.label for n in config.networks]
+    results, comps = study_results(
+        predictions,
+        networks=labels,
+        site_names=site_names,
+        resamples=config.stats.bootstrap_resamples,
+        level=config.stats.level,
+        seed=config.stats.seed,
+    )
+    paradigm_keys = [
+        k
+        for p in config.paradigms
+        for k in ([local_key(s) for s in site_names] if p is Paradigm.LOCAL else [str(p)])
+    ]
+    doc: dict[str, Any] = {
+        "config_hash": config_hash(config),
+        "comparisons": comps,
+        "timing": timing,
+        "meta": {
+            "name": config.name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "medfed_version": _medfed_version(),
+            "device": _device_name(device),
+            "strategy": config.federation.strategy.name,
+            "networks": labels,
+            "models": {n.label: n.model.name for n in config.networks},
+            "paradigms": paradigm_keys,
+            "sites": list(site_names),
+            "external_site": fed.external.name if fed.external is not None else None,
+            "budget": {
+                "pooled_epochs": config.budget.pooled_epochs,
+                "rounds": config.federation.rounds,
+                "train_images": sum(len(s.train) for s in fed.sites),
+            },
+            "threshold_rule": THRESHOLD_RULE,
+            "bootstrap": {
+                "n_resamples": config.stats.bootstrap_resamples,
+                "level": config.stats.level,
+                "seed": config.stats.seed,
+            },
+            "communication": communication,
+            "histories": histories,
+            "wall_seconds": time.perf_counter() - t0,
+        },
+        **results,
+    }
+    write_predictions(out_dir / "predictions.csv", predictions)
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=2, allow_nan=False))
+    html = md = None
+    if report:
+        from medfed.report import write_report
+
+        html, md = write_report(out_dir)
+        console.print(f"[bold green]Report[/]: {html}")
+    return StudyResult(out_dir=out_dir, results=doc, report_html=html, report_md=md)

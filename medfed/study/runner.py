@@ -31,6 +31,7 @@ from medfed.config import RunConfig, config_hash
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.engine import build_model
 from medfed.engine import run as run_engine
+from medfed.history import History
 from medfed.study.config import (
     DERIVED_TRAIN_OPTIONS,
     NetworkSpec,
@@ -185,19 +186,14 @@ def _score(
     return out
 
 
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _rounds(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "history.jsonl"
+    return History.load(path).records if path.is_file() else []
 
 
 def _timing(run_dir: Path) -> dict[str, float]:
     summary = json.loads((run_dir / "summary.json").read_text())
-    images = sum(
-        site["examples"]
-        for row in _read_history(run_dir / "history.jsonl")
-        for site in row["sites"].values()
-    )
+    images = sum(site["examples"] for row in _rounds(run_dir) for site in row["sites"].values())
     seconds = float(summary["wall_seconds"])
     return {
         "seconds": seconds,
@@ -207,7 +203,7 @@ def _timing(run_dir: Path) -> dict[str, float]:
 
 
 def _communication(run_dir: Path) -> dict[str, float]:
-    rows = _read_history(run_dir / "history.jsonl")
+    rows = _rounds(run_dir)
     up = sum(int(r["bytes_up"]) for r in rows)
     down = sum(int(r["bytes_down"]) for r in rows)
     return {

@@ -58,14 +58,15 @@ def dirichlet_partition(
     _check_sites(n, num_sites=num_sites, min_size=min_size)
     _check_alpha(alpha)
     _, class_of = np.unique(labels, return_inverse=True)
-    class_sizes = np.bincount(class_of) if n else np.zeros(0, dtype=np.int64)
+    class_sizes = np.bincount(class_of)
     cap = n / num_sites
     rng = np.random.default_rng(seed)
     for _ in range(MAX_ATTEMPTS):
         counts = np.zeros((len(class_sizes), num_sites), dtype=np.int64)
         sizes = np.zeros(num_sites, dtype=np.int64)
+        draws = rng.dirichlet(np.full(num_sites, alpha), size=len(class_sizes))
         for c, n_c in enumerate(class_sizes):
-            p = rng.dirichlet(np.full(num_sites, alpha)) * (sizes < cap)
+            p = draws[c] * (sizes < cap)
             if not p.sum() > 0:  # every open site drew an underflowed zero: share them evenly
                 p = (sizes < cap).astype(float)
             counts[c] = _split_counts(p / p.sum(), int(n_c))

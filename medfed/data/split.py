@@ -136,7 +136,7 @@ def _repair_sides(
 
     for _ in range(counts.shape[1] + 2):
         val_groups = has[in_val].sum(axis=0)
-        n_val = np.int64(in_val.sum())
+        n_val = np.asarray(in_val.sum())
         current = int(violations(val_groups, n_val))
         if current == 0:
             break

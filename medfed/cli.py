@@ -70,6 +70,41 @@ def build_parser() -> argparse.ArgumentParser:
     prev.add_argument("--per-site", type=int, default=8)
     _add_set(prev)
 
+    check = dsub.add_parser(
+        "check",
+        help="validate a site's dataset before training (unreadable files, labels, duplicates, "
+        "patient leakage, files missing from disk or manifest)",
+    )
+    check.add_argument("source", help="manifest .csv, MedMNIST .npz, or a folder of DICOM files")
+    check.add_argument(
+        "--kind", choices=["image_csv", "dicom", "nifti", "medmnist"], help="override the guess"
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    deid = dsub.add_parser(
+        "deid",
+        help="de-identify DICOM files (PS3.15 Basic Profile) from IN into a new folder OUT",
+    )
+    deid.add_argument("input", metavar="IN", help="DICOM file or folder (read only)")
+    deid.add_argument("output", metavar="OUT", help="new folder; never IN or inside it")
+    secret = deid.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--site-secret",
+        help="the site's pseudonymisation secret (prefer --site-secret-file or "
+        "$MEDFED_SITE_SECRET: command lines are visible to other users)",
+    )
+    secret.add_argument("--site-secret-file", help="file holding the site secret")
+    deid.add_argument(
+        "--shift-dates",
+        action="store_true",
+        help="shift dates by a per-patient offset instead of removing them",
+    )
+    deid.add_argument(
+        "--mask-banner",
+        metavar="RECT",
+        help="black out burned-in text: 'ROWS' (top rows) or 'top,left,height,width' in pixels",
+    )
+
     lst = sub.add_parser("list", help="registered components")
     lst.add_argument("what", choices=["strategies", "models"])
     return parser
@@ -130,10 +165,63 @@ def _ultrasound_options(
     return build_config({}, [f"{prefix}{o}" for o in overrides]).data.ultrasound
 
 
+def _site_secret(args: argparse.Namespace) -> bytes:
+    if args.site_secret_file:
+        return Path(args.site_secret_file).read_bytes().strip()
+    if args.site_secret:
+        return args.site_secret.encode()
+    env = os.environ.get("MEDFED_SITE_SECRET", "")
+    if not env:
+        raise ValueError(
+            "a site secret is required: --site-secret-file PATH, $MEDFED_SITE_SECRET or "
+            "--site-secret (the same secret gives the same pseudonyms, so keep it safe)"
+        )
+    return env.encode()
+
+
+def _cmd_deid(args: argparse.Namespace) -> int:
+    from medfed.data.deid import DeidOptions, deidentify_tree, parse_mask_rect
+
+    options = DeidOptions(
+        site_secret=_site_secret(args),
+        shift_dates=args.shift_dates,
+        mask_rect=parse_mask_rect(args.mask_banner) if args.mask_banner else None,
+    )
+    report = deidentify_tree(Path(args.input), Path(args.output), options=options)
+    console.print(
+        f"[green]de-identified[/] {report.processed} file(s) -> {args.output}; "
+        f"skipped {len(report.skipped)} non-DICOM, failed {len(report.failed)}, "
+        f"possible burned-in text in {len(report.burned_in)}; audit: {report.audit_path}"
+    )
+    for path, why in report.failed:
+        console.print(Text.assemble(("failed: ", "bold red"), f"{path}: {why}"))
+    if report.burned_in and options.mask_rect is None:
+        console.print(
+            "[yellow]images that may carry burned-in patient text are listed in the audit; "
+            "mask them with --mask-banner or review them before they leave the site"
+        )
+    return 1 if report.failed else 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from medfed.data.check import check_source, render, to_json
+
+    report = check_source(Path(args.source), kind=args.kind)
+    if args.json:
+        print(json.dumps(to_json(report), indent=2))
+    else:
+        render(report, Console(soft_wrap=True))
+    return 0 if report.ok else 1
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from medfed.data.synthetic.preview import write_preview
     from medfed.data.synthetic.ultrasound import synthesize_federation
 
+    if args.data_command == "deid":
+        return _cmd_deid(args)
+    if args.data_command == "check":
+        return _cmd_check(args)
     if args.data_command == "synth":
         opts = _ultrasound_options(None, args.overrides, prefix="data.ultrasound.")
         out = Path(args.out)

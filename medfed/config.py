@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medfed.client.train import TrainOptions
+from medfed.data.sources.federation import FilesDataConfig
 from medfed.data.synthetic.ultrasound import UltrasoundOptions
 from medfed.registry import UnknownComponentError
 from medfed.types import Paradigm, StrEnum
@@ -34,16 +35,30 @@ class _Section(BaseModel):
 
 class DataSource(StrEnum):
     SYNTHETIC_ULTRASOUND = "synthetic_ultrasound"
+    FILES = "files"
 
 
 class DataConfig(_Section):
     source: DataSource = DataSource.SYNTHETIC_ULTRASOUND
     ultrasound: UltrasoundOptions = Field(default_factory=UltrasoundOptions)
+    files: FilesDataConfig | None = Field(
+        None,
+        description="real data: sites from CSV folders, DICOM, NIfTI or MedMNIST files "
+        "(source: files)",
+    )
     cache_dir: str | None = Field(
         None,
         description="where generated federations are cached; default $MEDFED_CACHE_DIR or "
         "~/.cache/medfed",
     )
+
+    @model_validator(mode="after")
+    def _files_given(self) -> DataConfig:
+        if self.source is DataSource.FILES and self.files is None:
+            raise ValueError("source 'files' needs a files section (sites or pooled + partition)")
+        if self.source is not DataSource.FILES and self.files is not None:
+            raise ValueError(f"a files section is only read with source: files, not {self.source}")
+        return self
 
 
 class ModelConfig(_Section):

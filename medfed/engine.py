@@ -22,7 +22,7 @@ from medfed.algorithms import STRATEGIES, Algorithm, FederationContext
 from medfed.algorithms.base import load_params, read_params
 from medfed.checkpoint import load_latest, save_checkpoint, save_params
 from medfed.client.train import predict_proba, resolve_device
-from medfed.config import RunConfig, config_hash, dump_config
+from medfed.config import DataConfig, DataSource, RunConfig, config_hash, dump_config
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.history import History, RoundRecord, SiteRound
 from medfed.metrics.classification import accuracy, multiclass_auc
@@ -46,11 +46,22 @@ class RunResult:
     final_params: Params
 
 
-def build_federation(config: RunConfig) -> Federation:
+def load_federation(data: DataConfig) -> tuple[Federation, dict[str, Any] | None]:
+    """The configured federation, and for real data the load report (counts, skipped files)."""
+    if data.source is DataSource.FILES:
+        from medfed.data.sources.federation import build_files_federation
+
+        assert data.files is not None  # the config validator guarantees it
+        fed, report = build_files_federation(data.files)
+        return fed, report.to_json()
     from medfed.data.synthetic.ultrasound import synthesize_federation
 
     # cache_dir None -> $MEDFED_CACHE_DIR or ~/.cache/medfed (the generator decides, in one place)
-    return synthesize_federation(config.data.ultrasound, cache_dir=config.data.cache_dir)
+    return synthesize_federation(data.ultrasound, cache_dir=data.cache_dir), None
+
+
+def build_federation(config: RunConfig) -> Federation:
+    return load_federation(config.data)[0]
 
 
 def build_model(config: RunConfig, federation: Federation) -> nn.Module:
@@ -356,7 +367,27 @@ def run(
     ``tag`` prefixes progress labels (a study shows which network is training).
     """
     out_dir = Path(out_dir)
-    fed = federation if federation is not None else build_federation(config)
+    data_report = None
+    if federation is None:
+        federation, data_report = load_federation(config.data)
+    result = _run(config, federation, out_dir=out_dir, resume=resume, progress=progress, tag=tag)
+    if data_report is not None:
+        # Real data: what was loaded and which files were skipped (on_error: skip) go with the run.
+        result.summary["data"] = data_report
+        result.summary["data_skipped"] = sum(len(x["skipped"]) for x in data_report["sites"])
+        (out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
+    return result
+
+
+def _run(
+    config: RunConfig,
+    fed: Federation,
+    *,
+    out_dir: Path,
+    resume: bool,
+    progress: bool,
+    tag: str,
+) -> RunResult:
     unknown = sorted({f.site for f in config.faults} - set(fed.names))
     if unknown:
         raise FederationError(

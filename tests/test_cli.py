@@ -120,3 +120,45 @@ def test_data_synth_and_preview(tmp_path, monkeypatch):
 def test_list(capsys, what, needle):
     assert main(["list", what]) == 0
     assert needle in capsys.readouterr().out
+
+
+def _dicom_folder(tmp_path: Path) -> Path:
+    import shutil
+
+    import pydicom
+
+    src = Path(pydicom.__file__).parent / "data" / "test_files"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+def test_data_deid_end_to_end(tmp_path, capsys, monkeypatch):
+    import pydicom
+
+    monkeypatch.delenv("MEDFED_SITE_SECRET", raising=False)
+    folder = _dicom_folder(tmp_path)
+    before = pydicom.dcmread(folder / "CT_small.dcm")
+    secret = tmp_path / "secret"
+    secret.write_text("a-site-secret-of-enough-bytes\n")
+    out = tmp_path / "out"
+    assert main(["data", "deid", str(folder), str(out), "--site-secret-file", str(secret)]) == 0
+    after = pydicom.dcmread(out / "CT_small.dcm")
+    assert str(after.PatientName) != str(before.PatientName)
+    assert after.SOPInstanceUID != before.SOPInstanceUID
+    assert after.PatientIdentityRemoved == "YES"
+    assert after.PixelData == before.PixelData
+    assert (out / "deid_audit.csv").is_file()
+    assert pydicom.dcmread(folder / "CT_small.dcm").PatientName == before.PatientName  # input kept
+
+
+def test_data_deid_refuses_without_secret_or_into_its_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MEDFED_SITE_SECRET", raising=False)
+    folder = _dicom_folder(tmp_path)
+    assert main(["data", "deid", str(folder), str(tmp_path / "o")]) == 1
+    assert "site secret is required" in capsys.readouterr().err
+    code = main(["data", "deid", str(folder), str(folder / "sub"), "--site-secret", "s" * 20])
+    assert code == 1
+    assert "Traceback" not in capsys.readouterr().err

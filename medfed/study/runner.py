@@ -29,7 +29,7 @@ from medfed.checkpoint import load_latest
 from medfed.client.train import predict_proba, resolve_device
 from medfed.config import RunConfig, config_hash
 from medfed.data.site import ArrayDataset, Federation, Site
-from medfed.engine import build_model
+from medfed.engine import build_model, load_federation
 from medfed.engine import run as run_engine
 from medfed.history import History
 from medfed.study.config import (
@@ -226,11 +226,12 @@ def run_study(
     out_dir = Path(out_dir)
     _claim_dir(out_dir, config)
     console = Console(stderr=True, soft_wrap=True, quiet=not progress)
+    data_report = None
     if federation is None:
-        from medfed.data.synthetic.ultrasound import synthesize_federation
-
-        console.print("[bold]Preparing the federation[/] (generated once, then cached)")
-        federation = synthesize_federation(config.data.ultrasound, cache_dir=config.data.cache_dir)
+        console.print("[bold]Preparing the federation[/]")
+        federation, data_report = load_federation(config.data)
+        if data_report is not None:
+            (out_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
     fed = federation
     if fed.num_classes > 2:
         raise StudyError(

@@ -58,7 +58,7 @@ class Split(StrEnum):
 class ImageOptions(_Section):
     """How every image becomes uint8 (C, size, size), whatever its depth, colour or shape."""
 
-    size: int = Field(64, ge=8, le=4096)
+    size: int = Field(64, ge=1, le=4096)
     resize: ResizeMode = ResizeMode.PAD
     channels: Literal[1, 3] = 1
     intensity: Intensity = Intensity.MINMAX
@@ -71,7 +71,9 @@ class ImageOptions(_Section):
     def _check(self) -> ImageOptions:
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+            raise ValueError(
+                f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}"
+            )
         if self.intensity == Intensity.WINDOW and self.window is None:
             raise ValueError("intensity 'window' needs window: [center, width]")
         if self.window is not None and self.window[1] <= 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from medfed.metrics.delong import check_labels, check_scores
+from medfed.metrics.delong import check_labels, check_scores, class_counts
 from medfed.types import StrEnum
 
 
@@ -68,13 +68,7 @@ def youden_threshold(y_true: ArrayLike, scores: ArrayLike) -> float:
     equally good are recognised as ties, not separated by rounding.
     """
     y, s = _labels_and_scores(y_true, scores)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"y_true contains only one class (n_pos={n_pos}, n_neg={n_neg}); "
-            "Youden's J needs both positives and negatives"
-        )
+    n_pos, n_neg = class_counts(y, needed_for="Youden's J")
     values, inverse = np.unique(s, return_inverse=True)
     pos_at = np.bincount(inverse.ravel(), weights=y, minlength=values.size).astype(np.int64)
     neg_at = np.bincount(inverse.ravel(), minlength=values.size).astype(np.int64) - pos_at

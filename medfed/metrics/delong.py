@@ -58,13 +58,14 @@ def check_scores(scores: ArrayLike, n: int, *, name: str = "scores") -> NDArray[
     return s
 
 
-def _class_counts(y: NDArray[np.bool_]) -> tuple[int, int]:
+def class_counts(y: NDArray[np.bool_], *, needed_for: str = "an AUC") -> tuple[int, int]:
+    """(n_pos, n_neg), refusing a single class: no ROC-based quantity exists without both."""
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(
             f"y_true contains only one class (n_pos={n_pos}, n_neg={n_neg}); "
-            "an AUC needs both positives and negatives"
+            f"{needed_for} needs both positives and negatives"
         )
     return n_pos, n_neg
 
@@ -115,7 +116,7 @@ def _components(y: NDArray[np.bool_], s: NDArray[np.float64]) -> tuple[np.ndarra
     ``V10`` is the share of negatives a positive outscores and ``V01`` the share of positives that
     outscore a negative (ties count 1/2); both average to the AUC.
     """
-    m, n = _class_counts(y)
+    m, n = class_counts(y)
     k = s.shape[0]
     v10 = np.empty((k, m))
     v01 = np.empty((k, n))

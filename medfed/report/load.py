@@ -18,16 +18,22 @@ from typing import Any
 
 import numpy as np
 
+from medfed.metrics.binary import Metric
+
+# The study writer owns the schema's names; the report reads them from there.
+from medfed.study.stats import LOCAL_PREFIX as LOCAL_PREFIX
+from medfed.study.stats import SITE_PREFIX as SITE_PREFIX
+from medfed.study.stats import Split
+from medfed.types import Paradigm
+
 RESULTS = "results.json"
 PREDICTIONS = "predictions.csv"
 
-METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
-INTERNAL = "internal"
-EXTERNAL = "external"
-SITE_PREFIX = "site:"
-LOCAL_PREFIX = "local:"
-CENTRALIZED = "centralized"
-FEDERATED = "federated"
+METRICS = ("auc", *(str(m) for m in Metric))
+INTERNAL = str(Split.INTERNAL)
+EXTERNAL = str(Split.EXTERNAL)
+CENTRALIZED = str(Paradigm.CENTRALIZED)
+FEDERATED = str(Paradigm.FEDERATED)
 
 CI = tuple[float | None, float | None]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -242,3 +243,62 @@ def _check_sites(n: int, *, num_sites: int, min_size: int) -> None:
 def _check_alpha(alpha: float) -> None:
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite positive concentration, got {alpha}")
+
+
+def partition_by_group(
+    kind: PartitionKind | str,
+    *,
+    labels: np.ndarray,
+    groups: Sequence[str],
+    num_sites: int | None = None,
+    alpha: float | None = None,
+    column: Sequence[str] | None = None,
+    seed: int = 0,
+    min_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`partition` over patients instead of cases: a patient's cases stay at one site.
+
+    A simulated federation that puts one patient's images at two hospitals is not a federation a
+    real one resembles, and it leaks across sites. Each patient counts once, with the most frequent
+    label (and column value) among its cases, ties to the smallest; ``min_size`` then counts
+    patients. With one case per patient this is exactly :func:`partition`.
+    """
+    labels = np.asarray(labels)
+    keys = np.asarray([str(g) for g in groups])
+    if len(keys) != len(labels):
+        raise ValueError(f"groups has {len(keys)} values but there are {len(labels)} labels")
+    # Groups numbered by first appearance, so one case per patient reproduces partition() exactly.
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    group_of = rank[inverse.ravel()]
+    order = np.argsort(group_of, kind="stable")
+    bounds = np.searchsorted(group_of[order], np.arange(len(first) + 1))
+    members = [order[bounds[g] : bounds[g + 1]] for g in range(len(first))]
+
+    def mode(values: np.ndarray) -> Any:
+        vals, counts = np.unique(values, return_counts=True)
+        return vals[int(np.argmax(counts))]  # np.unique sorts: ties go to the smallest
+
+    group_labels = np.array([mode(labels[m]) for m in members])
+    group_column = None
+    if column is not None:
+        if len(column) != len(labels):
+            raise ValueError(f"column has {len(column)} values but there are {len(labels)} labels")
+        col = np.asarray([str(v) for v in column])
+        group_column = [str(mode(col[m])) for m in members]
+    parts = partition(
+        kind,
+        labels=group_labels,
+        num_sites=num_sites,
+        alpha=alpha,
+        column=group_column,
+        seed=seed,
+        min_size=min_size,
+    )
+    return {
+        name: np.sort(np.concatenate([members[g] for g in idx])).astype(np.int64)
+        if len(idx)
+        else np.zeros(0, dtype=np.int64)
+        for name, idx in parts.items()
+    }

@@ -279,3 +279,54 @@ def test_partition_names_sites_and_matches_direct_calls() -> None:
 def test_partition_rejects_missing_and_irrelevant_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         partition(labels=np.array([0, 1, 0, 1]), **kwargs)
+
+
+# --- partition_by_group: patients, not cases, are dealt out ---
+
+from hypothesis import given as _given  # noqa: E402
+from hypothesis import settings as _settings  # noqa: E402
+from hypothesis import strategies as _st  # noqa: E402
+
+from medfed.data.partition import partition_by_group  # noqa: E402
+
+
+@_settings(deadline=None, max_examples=40)
+@_given(
+    n_patients=_st.integers(6, 40),
+    per_patient=_st.lists(_st.integers(1, 4), min_size=40, max_size=40),
+    seed=_st.integers(0, 10_000),
+    kind=_st.sampled_from(["iid", "dirichlet", "quantity"]),
+)
+def test_group_partition_keeps_each_patient_at_one_site(n_patients, per_patient, seed, kind):
+    groups = [f"p{g}" for g in range(n_patients) for _ in range(per_patient[g])]
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=len(groups))
+    extra = {} if kind == "iid" else {"alpha": 1.0}
+    parts = partition_by_group(kind, labels=labels, groups=groups, num_sites=3, seed=seed, **extra)
+    allidx = np.concatenate(list(parts.values()))
+    assert sorted(allidx.tolist()) == list(range(len(groups)))  # every case exactly once
+    owner = {}
+    for site, idx in parts.items():
+        for i in idx:
+            assert owner.setdefault(groups[i], site) == site  # never two sites for one patient
+
+
+def test_group_partition_with_one_case_per_patient_is_the_plain_partition():
+    labels = np.array([0, 1] * 30)
+    groups = [f"p{i}" for i in range(60)]
+    a = partition_by_group(
+        "dirichlet", labels=labels, groups=groups, num_sites=4, alpha=0.5, seed=3
+    )
+    b = partition("dirichlet", labels=labels, num_sites=4, alpha=0.5, seed=3)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_group_partition_by_column_uses_each_patients_usual_scanner():
+    groups = ["a", "a", "a", "b", "b", "c"]
+    scanner = ["X", "X", "Y", "Y", "Y", "X"]
+    parts = partition_by_group(
+        "column", labels=np.zeros(6, dtype=int), groups=groups, column=scanner
+    )
+    assert {k: v.tolist() for k, v in parts.items()} == {"X": [0, 1, 2, 5], "Y": [3, 4]}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from medfed.data.partition import PartitionKind, partition
+from medfed.data.partition import PartitionKind, partition_by_group
 from medfed.data.site import Federation, Site
 from medfed.data.sources.dicom import load_dicom
 from medfed.data.sources.errors import DataError
@@ -222,8 +222,10 @@ def _partitioned(data: LoadedData, cfg: FilesDataConfig) -> tuple[list[Site], li
                             f"(columns: {', '.join(data.metadata) or 'none'})")  # fmt: skip
         column = data.metadata[p.column]
     try:
-        parts = partition(p.kind, labels=data.labels.numpy(), num_sites=p.num_sites,
-                          alpha=p.alpha, column=column, seed=p.seed)  # fmt: skip
+        # Patients, not images, are dealt out: a patient's cases stay at one simulated site.
+        parts = partition_by_group(p.kind, labels=data.labels.numpy(), groups=data.patient_ids,
+                                   num_sites=p.num_sites, alpha=p.alpha, column=column,
+                                   seed=p.seed)  # fmt: skip
     except ValueError as err:
         raise DataError(f"{data.source}: partition {p.kind}: {err}") from None
     sites, reports = [], []

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="shift dates by a per-patient offset instead of removing them",
     )
     deid.add_argument(
+        "--rename",
+        action="store_true",
+        help="write <pseudonym>.dcm files in one flat folder (file and folder names often carry "
+        "patient names); the audit maps them back",
+    )
+    deid.add_argument(
         "--mask-banner",
         metavar="RECT",
         help="black out burned-in text: 'ROWS' (top rows) or 'top,left,height,width' in pixels",
@@ -186,6 +192,7 @@ def _cmd_deid(args: argparse.Namespace) -> int:
         site_secret=_site_secret(args),
         shift_dates=args.shift_dates,
         mask_rect=parse_mask_rect(args.mask_banner) if args.mask_banner else None,
+        rename_files=args.rename,
     )
     report = deidentify_tree(Path(args.input), Path(args.output), options=options)
     console.print(

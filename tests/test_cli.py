@@ -162,3 +162,29 @@ def test_data_deid_refuses_without_secret_or_into_its_input(tmp_path, capsys, mo
     code = main(["data", "deid", str(folder), str(folder / "sub"), "--site-secret", "s" * 20])
     assert code == 1
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_data_deid_rename_hides_file_and_folder_names(tmp_path, monkeypatch):
+    import csv
+    import shutil
+
+    import pydicom
+
+    monkeypatch.setenv("MEDFED_SITE_SECRET", "another-site-secret-value")
+    src = Path(pydicom.__file__).parent / "data" / "test_files"
+    folder = tmp_path / "in" / "Smith_John_1961"
+    folder.mkdir(parents=True)
+    shutil.copy(src / "CT_small.dcm", folder / "Smith_John_CT.dcm")
+    shutil.copy(src / "MR_small.dcm", folder / "Smith_John_MR.dcm")
+    out = tmp_path / "out"
+    assert main(["data", "deid", str(tmp_path / "in"), str(out), "--rename"]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.dcm"))
+    assert len(written) == 2 and all("/" not in w and "Smith" not in w for w in written)
+    with (out / "deid_audit.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    mapped = {(r["input_path"], r["output_path"]) for r in rows if r["output_path"]}
+    assert {o for _, o in mapped} == set(written)
+    # the same secret and input give the same names again (stable across exports)
+    again = tmp_path / "again"
+    assert main(["data", "deid", str(tmp_path / "in"), str(again), "--rename"]) == 0
+    assert sorted(p.name for p in again.glob("*.dcm")) == written

@@ -177,6 +177,10 @@ class DeidOptions:
     site_secret: bytes
     shift_dates: bool = False
     mask_rect: tuple[int, int, int, int] | None = None
+    rename_files: bool = False
+    """Name outputs ``<pseudonym>.dcm`` in one flat folder: file and folder names exported from
+    PACS often carry patient names or IDs. The pseudonym is an HMAC of the relative input path, so
+    it is stable across exports and the audit (which stays at the site) maps it back."""
 
 
 @dataclass(frozen=True)
@@ -642,11 +646,18 @@ def _check_complete(ds: Dataset) -> None:
         raise _CorruptDicom("image attributes present but no pixel data (truncated file?)")
 
 
-def _plan(src: Path, dst: Path) -> list[tuple[Path, Path, str]]:
+def _plan(src: Path, dst: Path, options: DeidOptions) -> list[tuple[Path, Path, str]]:
     if src.is_file():
-        return [(src, dst / src.name, src.name)]
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
-    return [(p, dst / p.relative_to(src), p.relative_to(src).as_posix()) for p in files]
+        pairs = [(src, src.name)]
+    else:
+        files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+        pairs = [(p, p.relative_to(src).as_posix()) for p in files]
+    if options.rename_files:
+        return [
+            (p, dst / f"{_hmac(options.site_secret, 'path', rel).hex()[:24]}.dcm", rel)
+            for p, rel in pairs
+        ]
+    return [(p, dst / rel, rel) for p, rel in pairs]
 
 
 def _refuse_unsafe(src: Path, dst: Path, plan: list[tuple[Path, Path, str]]) -> None:
@@ -713,7 +724,7 @@ def deidentify_tree(src: Path, dst: Path, *, options: DeidOptions) -> DeidReport
     dst = Path(dst).resolve()
     if not src.exists():
         raise DeidError(f"input {src} does not exist")
-    plan = _plan(src, dst)
+    plan = _plan(src, dst, options)
     _refuse_unsafe(src, dst, plan)
     dst.mkdir(parents=True, exist_ok=True)
     audit_path = dst / AUDIT_FILENAME

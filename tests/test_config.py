@@ -85,3 +85,16 @@ def test_file_errors(tmp_path):
 
 def test_parse_overrides_never_evaluates():
     assert parse_overrides(["a=__import__('os')"]) == [("a", "__import__('os')")]
+
+
+def test_readme_data_examples_validate():
+    """The YAML a user copies from the README must be a valid config."""
+    import re
+
+    import yaml
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "source: files" in b]
+    assert len(blocks) >= 2
+    for block in blocks:
+        build_config(yaml.safe_load(block), source="README.md")

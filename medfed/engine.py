@@ -9,29 +9,29 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from medfed.algorithms import STRATEGIES, Algorithm, FederationContext
-from medfed.algorithms.base import load_params, read_params
+from medfed.algorithms.base import read_params
 from medfed.checkpoint import load_latest, save_checkpoint, save_params
-from medfed.client.train import predict_proba, resolve_device
+from medfed.client.train import resolve_device
 from medfed.config import DataConfig, DataSource, RunConfig, config_hash, dump_config
-from medfed.data.site import ArrayDataset, Federation, Site
+from medfed.data.site import Federation, Site
+from medfed.evaluation import Evaluator, evaluate_external
 from medfed.history import History, RoundRecord, SiteRound
-from medfed.metrics.classification import accuracy, multiclass_auc
 from medfed.models.factory import create_model
 from medfed.progress import Reporter
-from medfed.runtime.inprocess import Failure, InProcessRuntime
+from medfed.runtime.inprocess import Failure, InProcessRuntime, Outcome
 from medfed.seeding import derive_seed, numpy_rng
 from medfed.topologies.star import StarTopology
-from medfed.types import ClientState, Paradigm, Params, params_nbytes
+from medfed.types import Buffers, ClientState, Paradigm, Params, params_nbytes
 from medfed.validation import validate_update
 
 
@@ -65,87 +65,28 @@ def build_federation(config: RunConfig) -> Federation:
 
 
 def build_model(config: RunConfig, federation: Federation) -> nn.Module:
+    return model_for_shape(
+        config,
+        num_classes=federation.num_classes,
+        in_chans=federation.in_chans,
+        image_size=int(federation.sites[0].train.images.shape[-1]),
+    )
+
+
+def model_for_shape(
+    config: RunConfig, *, num_classes: int, in_chans: int, image_size: int
+) -> nn.Module:
+    """The run's initial model; a server that holds no data learns the shape from the sites."""
     # The initial weights are part of the experiment: derive them from the seed.
     torch.manual_seed(derive_seed(config.seed, "init"))
     return create_model(
         config.model.name,
-        num_classes=max(federation.num_classes, 2),
-        in_chans=federation.in_chans,
-        image_size=int(federation.sites[0].train.images.shape[-1]),
+        num_classes=max(num_classes, 2),
+        in_chans=in_chans,
+        image_size=image_size,
         pretrained_path=config.model.pretrained_path,
         freeze_backbone=config.model.freeze_backbone,
     )
-
-
-class Evaluator:
-    """Internal validation, pooled and per site; each site scores with the model it would use.
-
-    The pooled validation set is concatenated once per run. When every site uses the same model
-    (all algorithms but personalised ones such as FedBN) it is scored in one pass and per-site
-    metrics are sliced out of it, instead of one small forward pass per site.
-    """
-
-    def __init__(
-        self, sites: Sequence[Site], *, device: torch.device, batch_size: int, normalize: str
-    ) -> None:
-        self.sites = [s for s in sites if len(s.val)]
-        self.pooled = ArrayDataset.concat([s.val for s in self.sites])
-        self.bounds = np.cumsum([0] + [len(s.val) for s in self.sites])
-        self.labels = self.pooled.labels.numpy()
-        self.device, self.batch_size, self.normalize = device, batch_size, normalize
-
-    def _predict(self, model: nn.Module, data: ArrayDataset) -> np.ndarray:
-        return predict_proba(
-            model, data, device=self.device, batch_size=self.batch_size, normalize=self.normalize
-        )
-
-    def __call__(
-        self,
-        model: nn.Module,
-        algorithm: Algorithm,
-        global_params: Params,
-        client_states: Mapping[str, ClientState],
-    ) -> tuple[float, float, dict[str, dict[str, float]]]:
-        params = [
-            algorithm.personalize(global_params, client_states.get(s.name, {})) for s in self.sites
-        ]
-        if all(p is params[0] for p in params):
-            load_params(model, params[0], self.device)
-            proba = self._predict(model, self.pooled)
-        else:
-            parts = []
-            for site, site_params in zip(self.sites, params, strict=True):
-                load_params(model, site_params, self.device)
-                parts.append(self._predict(model, site.val))
-            proba = np.concatenate(parts)
-        per_site = {}
-        for site, lo, hi in zip(self.sites, self.bounds[:-1], self.bounds[1:], strict=True):
-            y, p = self.labels[lo:hi], proba[lo:hi]
-            per_site[site.name] = {
-                "auc": multiclass_auc(y, p),
-                "acc": accuracy(y, p),
-                "n": float(hi - lo),
-            }
-        return multiclass_auc(self.labels, proba), accuracy(self.labels, proba), per_site
-
-
-def _evaluate_external(
-    model: nn.Module,
-    params: Params,
-    site: Site | None,
-    *,
-    device: torch.device,
-    batch_size: int,
-    normalize: str,
-) -> tuple[float | None, float | None]:
-    if site is None or len(site.val) == 0:
-        return None, None
-    load_params(model, params, device)
-    proba = predict_proba(
-        model, site.val, device=device, batch_size=batch_size, normalize=normalize
-    )
-    y = site.val.labels.numpy()
-    return multiclass_auc(y, proba), accuracy(y, proba)
 
 
 def _to_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> Params:
@@ -163,6 +104,36 @@ def _prepare_dir(out_dir: Path, config: RunConfig, *, resume: bool) -> None:
         dump_config(config, out_dir / "config.yaml")
 
 
+@dataclass(frozen=True)
+class RoundEval:
+    """What the server learns about the new global model each round (metrics only)."""
+
+    val_auc: float
+    val_acc: float
+    site_val: dict[str, dict[str, float]]
+    external_auc: float | None = None
+    external_acc: float | None = None
+
+
+class Runtime(Protocol):
+    """Carries tasks to sites and updates back (in-process here; Flower's Grid in deployment)."""
+
+    client_states: dict[str, ClientState]  # site-held state the server may checkpoint (simulation)
+
+    def execute(
+        self,
+        round_idx: int,
+        participants: Sequence[str],
+        global_params: Params,
+        payload: Buffers,
+        *,
+        on_site: Callable[[str], None] | None = None,
+    ) -> list[Outcome]: ...
+
+
+Evaluate = Callable[[Params, Mapping[str, ClientState]], RoundEval]
+
+
 def _train_rounds(
     config: RunConfig,
     *,
@@ -178,14 +149,13 @@ def _train_rounds(
     reporter: Reporter,
     label: str,
 ) -> RunResult:
+    """The simulator: every site is a direct call on one worker model in this process."""
     _prepare_dir(out_dir, config, resume=resume)
     device = resolve_device(config.device)
     fed = Federation(tuple(train_sites))
     model = build_model(config, fed).to(device)
     algorithm = STRATEGIES.create(strategy_name, strategy_options)
     site_names = tuple(s.name for s in train_sites)
-    global_params = read_params(model)
-    state = algorithm.init(global_params, context=FederationContext(model=model, sites=site_names))
     runtime = InProcessRuntime(
         model=model,
         algorithm=algorithm,
@@ -195,13 +165,67 @@ def _train_rounds(
         seed=config.seed,
         faults=[f for f in config.faults if f.site in site_names],
     )
-    topology = StarTopology(fraction=fraction, min_clients=min_clients)
     evaluator = Evaluator(
         eval_sites,
         device=device,
         batch_size=config.train.eval_batch_size,
         normalize=config.train.normalize,
     )
+
+    def evaluate(global_params: Params, client_states: Mapping[str, ClientState]) -> RoundEval:
+        val_auc, val_acc, site_val = evaluator(model, algorithm, global_params, client_states)
+        ext_auc, ext_acc = evaluate_external(
+            model,
+            global_params,
+            external,
+            device=device,
+            batch_size=config.train.eval_batch_size,
+            normalize=config.train.normalize,
+        )
+        return RoundEval(val_auc, val_acc, site_val, ext_auc, ext_acc)
+
+    return train_loop(
+        config,
+        model=model,
+        algorithm=algorithm,
+        site_names=site_names,
+        runtime=runtime,
+        evaluate=evaluate,
+        device=device,
+        min_clients=min_clients,
+        fraction=fraction,
+        out_dir=out_dir,
+        resume=resume,
+        reporter=reporter,
+        label=label,
+    )
+
+
+def train_loop(
+    config: RunConfig,
+    *,
+    model: nn.Module,
+    algorithm: Algorithm,
+    site_names: tuple[str, ...],
+    runtime: Runtime,
+    evaluate: Evaluate,
+    device: torch.device,
+    min_clients: int,
+    fraction: float,
+    out_dir: Path,
+    resume: bool,
+    reporter: Reporter,
+    label: str,
+) -> RunResult:
+    """plan -> execute -> validate -> aggregate -> evaluate -> record -> checkpoint, per round.
+
+    Runtime-agnostic: the in-process simulator and the Flower ServerApp both drive this loop, so a
+    federation behaves the same whichever carries it. ``model`` gives the initial weights and the
+    architecture the strategy inspects; the server never trains it.
+    """
+    global_params = read_params(model)
+    state = algorithm.init(global_params, context=FederationContext(model=model, sites=site_names))
+    topology = StarTopology(fraction=fraction, min_clients=min_clients)
     chash = config_hash(config)
     start_round = 0
     hist_path = out_dir / "history.jsonl"
@@ -273,17 +297,7 @@ def _train_rounds(
             for u in accepted
         )
         global_params, state = algorithm.aggregate(global_params, accepted, state, round_idx=r)
-        val_auc, val_acc, site_val = evaluator(
-            model, algorithm, global_params, runtime.client_states
-        )
-        ext_auc, ext_acc = _evaluate_external(
-            model,
-            global_params,
-            external,
-            device=device,
-            batch_size=config.train.eval_batch_size,
-            normalize=config.train.normalize,
-        )
+        ev = evaluate(global_params, runtime.client_states)
         record = RoundRecord(
             round=r,
             participants=list(plan.participants),
@@ -295,15 +309,15 @@ def _train_rounds(
                 )
                 for u in accepted
             },
-            val_auc=val_auc,
-            val_acc=val_acc,
-            site_val=site_val,
+            val_auc=ev.val_auc,
+            val_acc=ev.val_acc,
+            site_val=ev.site_val,
             rejected=rejected,
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             seconds=time.perf_counter() - t0,
-            external_auc=ext_auc,
-            external_acc=ext_acc,
+            external_auc=ev.external_auc,
+            external_acc=ev.external_acc,
         )
         history.append(record)
         save_checkpoint(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from medfed.algorithms.base import Algorithm, LocalTask
+from medfed.algorithms.base import Algorithm, LocalResult, LocalTask
 from medfed.client.train import TrainOptions
 from medfed.config import FaultConfig, FaultKind
 from medfed.data.site import ArrayDataset
@@ -57,6 +57,26 @@ def _apply_fault(update: Update, fault: FaultConfig, global_params: Params) -> U
             for k, v in params.items()
         }
     return replace(update, params=params)
+
+
+def local_round(
+    algorithm: Algorithm,
+    model: nn.Module,
+    task: LocalTask,
+    data: ArrayDataset,
+    opts: TrainOptions,
+    *,
+    device: torch.device,
+    seed: int,
+) -> LocalResult:
+    """One site's local round, exactly as every runtime must run it.
+
+    Randomness derives from (seed, round, site), so a site computes the same update whether the
+    simulator or a Flower SuperNode runs it, and whichever sites ran before it.
+    """
+    torch.manual_seed(derive_seed(seed, "torch", task.round_idx, task.site))
+    generator = torch_generator(seed, "train", task.round_idx, task.site)
+    return algorithm.local_update(model, task, data, opts, generator=generator, device=device)
 
 
 class InProcessRuntime:
@@ -114,19 +134,17 @@ class InProcessRuntime:
                 payload=payload,
                 client_state=self.client_states.get(site, {}),
             )
-            # Per-(round, site) randomness: resumable and independent of which sites ran before.
-            torch.manual_seed(derive_seed(self.seed, "torch", round_idx, site))
-            generator = torch_generator(self.seed, "train", round_idx, site)
             try:
                 if fault is not None and fault.kind is FaultKind.RAISE:
                     raise InjectedFault(f"injected fault at site {site}")
-                result = self.algorithm.local_update(
+                result = local_round(
+                    self.algorithm,
                     self.model,
                     task,
                     self.data[site],
                     self.opts,
-                    generator=generator,
                     device=self.device,
+                    seed=self.seed,
                 )
             except Exception as err:  # a site's failure must not take the federation down
                 outcomes.append(Failure(site, f"client raised {type(err).__name__}: {err}"))

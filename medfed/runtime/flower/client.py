@@ -1,0 +1,175 @@
+"""The site half on Flower: a ClientApp that runs medfed's client code on the site's own data.
+
+Each SuperNode says which data is its own through ``--node-config``:
+
+- ``site=NAME data-config=PATH``: the ``data`` section of the YAML run config at PATH (a CSV
+  manifest, DICOM folder, ... on this machine) and the site of that name in it;
+- in Flower's simulation, ``partition-id=K``: the K-th site of the run config's own ``data``
+  section (the synthetic federation), so a simulation uses exactly the simulator's data.
+
+The data is loaded at the site and never sent. Site-held algorithm state (FedBN's BatchNorm,
+SCAFFOLD's c_i) lives in the node's ``Context.state`` between rounds.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from medfed.algorithms import STRATEGIES
+from medfed.algorithms.base import LocalTask, load_params
+from medfed.client.train import predict_proba, resolve_device
+from medfed.config import RunConfig, load_config
+from medfed.data.site import Site
+from medfed.engine import load_federation, model_for_shape
+from medfed.metrics.classification import accuracy, multiclass_auc
+from medfed.runtime.flower.codec import (
+    Field,
+    Key,
+    as_int,
+    from_record,
+    groups_from_content,
+    score_histograms,
+    to_record,
+    update_content,
+)
+from medfed.runtime.inprocess import local_round
+
+
+class SiteDataError(RuntimeError):
+    """The SuperNode's --node-config does not name usable data."""
+
+
+@lru_cache(maxsize=4)
+def _federation_sites(data_json: str) -> dict[str, Site]:
+    from medfed.config import DataConfig
+
+    fed, _ = load_federation(DataConfig.model_validate_json(data_json))
+    return {s.name: s for s in fed.sites}
+
+
+def site_for(context: Context, config: RunConfig) -> Site:
+    """This node's site, from its node config (see the module docstring)."""
+    node = context.node_config
+    if "data-config" in node:
+        if "site" not in node:
+            raise SiteDataError("node config has data-config but no site=NAME")
+        path = str(node["data-config"])
+        sites = _federation_sites(load_config(path).data.model_dump_json())
+        name = str(node["site"])
+    elif "partition-id" in node:
+        sites = _federation_sites(config.data.model_dump_json())
+        index = as_int(node["partition-id"])
+        if not 0 <= index < len(sites):
+            raise SiteDataError(f"partition-id {index}: the federation has {len(sites)} sites")
+        name = list(sites)[index]
+    else:
+        raise SiteDataError(
+            "node config names no data: start the SuperNode with "
+            "--node-config \"site='NAME' data-config='PATH'\""
+        )
+    if name not in sites:
+        raise SiteDataError(f"site {name!r} is not in the data config; sites: {', '.join(sites)}")
+    return sites[name]
+
+
+def _config(msg: Message) -> RunConfig:
+    return RunConfig.model_validate_json(str(msg.content.config_records[Key.TASK][Field.CONFIG]))
+
+
+app = ClientApp()
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Who this node is and the shape of its data (never the data)."""
+    site = site_for(context, _config(msg))
+    images = site.train.images if len(site.train) else site.val.images
+    counts = site.train.class_counts() if len(site.train) else site.val.class_counts()
+    record = ConfigRecord(
+        {
+            Field.NAME: site.name,
+            Field.N_TRAIN: len(site.train),
+            Field.NUM_CLASSES: max(len(counts), 2),
+            Field.IN_CHANS: int(images.shape[1]),
+            Field.IMAGE_SIZE: int(images.shape[-1]),
+        }
+    )
+    return Message(RecordDict({Key.SITE: record}), reply_to=msg)
+
+
+def _model(config: RunConfig, site: Site) -> nn.Module:
+    images = site.train.images if len(site.train) else site.val.images
+    return model_for_shape(
+        config,
+        num_classes=max(len(site.train.class_counts() or site.val.class_counts()), 2),
+        in_chans=int(images.shape[1]),
+        image_size=int(images.shape[-1]),
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = _config(msg)
+    site = site_for(context, config)
+    device = resolve_device(config.device)
+    model = _model(config, site).to(device)
+    strategy = config.federation.strategy
+    algorithm = STRATEGIES.create(strategy.name, strategy.options)
+    state = {
+        k.removeprefix(Key.STATE): from_record(rec)
+        for k, rec in context.state.array_records.items()
+        if k.startswith(Key.STATE)
+    }
+    task = LocalTask(
+        site=site.name,
+        round_idx=as_int(msg.content.config_records[Key.TASK][Field.ROUND]),
+        global_params=from_record(msg.content.array_records[Key.GLOBAL]),
+        payload=groups_from_content(Key.PAYLOAD, msg.content),
+        client_state=state,
+    )
+    data = site.train.to(device) if device.type == "cuda" else site.train
+    result = local_round(
+        algorithm, model, task, data, config.train, device=device, seed=config.seed
+    )
+    for group, tensors in result.client_state.items():  # stays at the site
+        context.state[f"{Key.STATE}{group}"] = to_record(tensors)
+    return Message(update_content(result.update), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model on this site's validation split; only aggregates go back."""
+    config = _config(msg)
+    site = site_for(context, config)
+    device = resolve_device(config.device)
+    model = _model(config, site).to(device)
+    load_params(model, from_record(msg.content.array_records[Key.GLOBAL]), device)
+    proba = predict_proba(
+        model,
+        site.val,
+        device=device,
+        batch_size=config.train.eval_batch_size,
+        normalize=config.train.normalize,
+    )
+    y = site.val.labels.numpy()
+    metrics: dict[str, float | int | list[int]] = {
+        Field.AUC: multiclass_auc(y, proba),
+        Field.ACC: accuracy(y, proba),
+        Field.N: len(y),
+    }
+    if proba.shape[1] == 2 and len(y):
+        metrics[Field.HIST_POS], metrics[Field.HIST_NEG] = score_histograms(y, proba[:, 1])
+    record = MetricRecord({k: v for k, v in metrics.items() if not _is_nan(v)})
+    return Message(RecordDict({Key.METRICS: record}), reply_to=msg)
+
+
+def _is_nan(value: object) -> bool:
+    return isinstance(value, float) and bool(np.isnan(value))
+
+
+__all__ = ["app", "site_for"]

@@ -1,0 +1,245 @@
+"""The server half on Flower: a ServerApp whose main drives medfed's own round loop.
+
+Flower carries messages (``Grid.send_and_receive``); medfed keeps everything else: the topology's
+plan, update validation, the strategy's pure ``aggregate``, checkpoints and history. Flower's own
+strategy classes are not used, so a federation computes the same thing whichever runtime
+carries it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from medfed.algorithms import STRATEGIES
+from medfed.client.train import resolve_device
+from medfed.config import RunConfig, load_config
+from medfed.engine import (
+    FederationError,
+    RoundEval,
+    RunResult,
+    _prepare_dir,
+    model_for_shape,
+    train_loop,
+)
+from medfed.progress import Reporter
+from medfed.runtime.flower.codec import (
+    Field,
+    Key,
+    as_float,
+    as_int,
+    groups_to_records,
+    pooled_auc,
+    to_record,
+    update_from_content,
+)
+from medfed.runtime.inprocess import Failure, Outcome
+from medfed.types import Buffers, ClientState, Paradigm, Params
+
+
+class FlowerRuntime:
+    """medfed's ``Runtime`` over a Flower ``Grid``: one message per sampled site and round."""
+
+    def __init__(
+        self, grid: Grid, *, nodes: Mapping[str, int], config: RunConfig, timeout: float
+    ) -> None:
+        self.grid = grid
+        self.nodes = dict(nodes)
+        self.config_json = config.model_dump_json()
+        self.timeout = timeout
+        # Site-held state stays at the sites (Context.state); the server never sees it.
+        self.client_states: dict[str, ClientState] = {}
+
+    def _task(self, round_idx: int) -> ConfigRecord:
+        return ConfigRecord({Field.CONFIG: self.config_json, Field.ROUND: round_idx})
+
+    def _exchange(
+        self, kind: str, sites: Sequence[str], content: Callable[[], RecordDict]
+    ) -> dict[str, Message | str]:
+        """Send to every site; the reply, or why there is none, per site."""
+        msgs = [
+            Message(content=content(), dst_node_id=self.nodes[s], message_type=kind) for s in sites
+        ]
+        replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        out: dict[str, Message | str] = {}
+        for site in sites:
+            reply = by_node.get(self.nodes[site])
+            if reply is None:
+                out[site] = f"no reply within {self.timeout:g} s (dropped out?)"
+            elif reply.has_error():
+                out[site] = f"site error {reply.error.code}: {reply.error.reason}"
+            else:
+                out[site] = reply
+        return out
+
+    def execute(
+        self,
+        round_idx: int,
+        participants: Sequence[str],
+        global_params: Params,
+        payload: Buffers,
+        *,
+        on_site: Callable[[str], None] | None = None,
+    ) -> list[Outcome]:
+        def content() -> RecordDict:
+            return RecordDict(
+                {
+                    Key.GLOBAL: to_record(global_params),
+                    Key.TASK: self._task(round_idx),
+                    **groups_to_records(Key.PAYLOAD, payload),
+                }
+            )
+
+        outcomes: list[Outcome] = []
+        for site, reply in self._exchange(MessageType.TRAIN, participants, content).items():
+            if isinstance(reply, str):
+                outcomes.append(Failure(site, reply))
+                continue
+            try:
+                outcomes.append(update_from_content(site, reply.content))
+            except (KeyError, ValueError, TypeError) as err:
+                outcomes.append(Failure(site, f"malformed reply: {err}"))
+        return outcomes
+
+    def evaluate(self, round_idx: int, global_params: Params) -> RoundEval:
+        """Federated evaluation: each site scores its own validation split."""
+
+        def content() -> RecordDict:
+            return RecordDict(
+                {Key.GLOBAL: to_record(global_params), Key.TASK: self._task(round_idx)}
+            )
+
+        site_val: dict[str, dict[str, float]] = {}
+        hists: dict[str, tuple[list[int], list[int]]] = {}
+        for site, reply in self._exchange(MessageType.EVALUATE, list(self.nodes), content).items():
+            if isinstance(reply, str):
+                continue
+            m = reply.content.metric_records[Key.METRICS]
+            site_val[site] = {
+                "auc": as_float(m.get(Field.AUC, float("nan"))),
+                "acc": as_float(m.get(Field.ACC, float("nan"))),
+                "n": as_float(m[Field.N]),
+            }
+            if Field.HIST_POS in m:
+                hists[site] = (list(m[Field.HIST_POS]), list(m[Field.HIST_NEG]))  # type: ignore[arg-type]
+        n = np.array([v["n"] for v in site_val.values()])
+        acc = np.array([v["acc"] for v in site_val.values()])
+        pooled_acc = float((n * acc).sum() / n.sum()) if n.sum() else float("nan")
+        auc = pooled_auc(hists) if hists else float("nan")
+        return RoundEval(auc, pooled_acc, site_val)
+
+
+def discover(
+    grid: Grid, config: RunConfig, *, expected: int, timeout: float
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Wait for ``expected`` SuperNodes; ask each which site it is and its data's shape."""
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected:
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:g} s"
+            )
+        time.sleep(0.5)
+        nodes = list(grid.get_node_ids())
+    task = ConfigRecord({Field.CONFIG: config.model_dump_json(), Field.ROUND: -1})
+    msgs = [
+        Message(RecordDict({Key.TASK: task}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
+    ]
+    site_of: dict[str, int] = {}
+    shape: dict[str, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            raise FederationError(
+                f"SuperNode {reply.metadata.src_node_id} cannot serve this run: "
+                f"{reply.error.reason}"
+            )
+        rec = reply.content.config_records[Key.SITE]
+        name = str(rec[Field.NAME])
+        if name in site_of:
+            raise FederationError(f"two SuperNodes claim site {name!r}")
+        site_of[name] = reply.metadata.src_node_id
+        shape = {k: as_int(rec[k]) for k in (Field.NUM_CLASSES, Field.IN_CHANS, Field.IMAGE_SIZE)}
+    return dict(sorted(site_of.items())), shape
+
+
+def serve(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    out_dir: Path,
+    num_sites: int,
+    timeout: float = 600.0,
+    progress: bool = True,
+) -> RunResult:
+    """The ServerApp's body: discover the sites, then medfed's loop over Flower."""
+    if config.paradigm is not Paradigm.FEDERATED:
+        raise FederationError(f"the Flower runtime runs federated training, not {config.paradigm}")
+    _prepare_dir(out_dir, config, resume=False)
+    nodes, shape = discover(grid, config, expected=num_sites, timeout=timeout)
+    device = resolve_device(config.device)
+    model = model_for_shape(
+        config,
+        num_classes=shape[Field.NUM_CLASSES],
+        in_chans=shape[Field.IN_CHANS],
+        image_size=shape[Field.IMAGE_SIZE],
+    ).to(device)
+    strategy = config.federation.strategy
+    algorithm = STRATEGIES.create(strategy.name, strategy.options)
+    runtime = FlowerRuntime(grid, nodes=nodes, config=config, timeout=timeout)
+    rounds = iter(range(config.federation.rounds))
+
+    def evaluate(global_params: Params, _: Mapping[str, ClientState]) -> RoundEval:
+        return runtime.evaluate(next(rounds), global_params)
+
+    return train_loop(
+        config,
+        model=model,
+        algorithm=algorithm,
+        site_names=tuple(nodes),
+        runtime=runtime,
+        evaluate=evaluate,
+        device=device,
+        min_clients=config.federation.min_clients,
+        fraction=config.federation.fraction,
+        out_dir=out_dir,
+        resume=False,
+        reporter=Reporter(enabled=progress),
+        label="flower",
+    )
+
+
+def server_app(config: RunConfig, *, out_dir: Path, num_sites: int, **kw: Any) -> ServerApp:
+    """A ServerApp bound to ``config`` (simulation and tests build it in Python)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, config, out_dir=out_dir, num_sites=num_sites, **kw)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: run config keys ``config`` (YAML path), ``out``, ``num-sites``."""
+    rc = context.run_config
+    config = load_config(str(rc["config"]))
+    serve(
+        grid,
+        config,
+        out_dir=Path(str(rc.get("out", f"runs/{config.name}-flower"))),
+        num_sites=as_int(rc.get("num-sites", config.federation.min_clients)),
+        timeout=as_float(rc.get("timeout", 600.0)),
+    )

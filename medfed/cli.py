@@ -111,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="black out burned-in text: 'ROWS' (top rows) or 'top,left,height,width' in pixels",
     )
 
+    flower = sub.add_parser("flower", help="run across real sites on Flower's deployment runtime")
+    fsub = flower.add_subparsers(dest="flower_command", required=True)
+    certs = fsub.add_parser(
+        "certs", help="development TLS certificates and SuperNode keys (not for production)"
+    )
+    certs.add_argument("out", metavar="OUT_DIR")
+    certs.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        help="SuperLink host name or IP for the certificate (repeatable; default localhost, "
+        "127.0.0.1)",
+    )
+    certs.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to create")
+    certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files")
+
     lst = sub.add_parser("list", help="registered components")
     lst.add_argument("what", choices=["strategies", "models"])
     return parser
@@ -261,6 +278,24 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flower(args: argparse.Namespace) -> int:
+    from medfed.runtime.flower.certs import generate_dev_certificates
+
+    made = generate_dev_certificates(
+        Path(args.out),
+        hosts=tuple(args.hosts or ("localhost", "127.0.0.1")),
+        num_nodes=args.nodes,
+        days=args.days,
+        overwrite=args.overwrite,
+    )
+    console.print(
+        f"[green]wrote[/] CA {made.ca_cert}, SuperLink certificate {made.server_cert} and "
+        f"{len(made.node_keys)} SuperNode key pair(s) (OpenSSH) to {args.out}; "
+        "development use only"
+    )
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "strategies":
         from medfed.algorithms import STRATEGIES
@@ -287,7 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medfed.engine import FederationError
     from medfed.study import StudyError
 
-    handlers = {"run": _cmd_run, "study": _cmd_study, "data": _cmd_data, "list": _cmd_list}
+    handlers = {
+        "run": _cmd_run,
+        "study": _cmd_study,
+        "data": _cmd_data,
+        "flower": _cmd_flower,
+        "list": _cmd_list,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -188,3 +188,17 @@ def test_data_deid_rename_hides_file_and_folder_names(tmp_path, monkeypatch):
     again = tmp_path / "again"
     assert main(["data", "deid", str(tmp_path / "in"), str(again), "--rename"]) == 0
     assert sorted(p.name for p in again.glob("*.dcm")) == written
+
+
+def test_flower_certs(tmp_path, capsys):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    out = tmp_path / "certs"
+    assert main(["flower", "certs", str(out), "--nodes", "2", "--host", "superlink.example"]) == 0
+    cert = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["superlink.example"]
+    serialization.load_ssh_private_key((out / "supernode-2").read_bytes(), password=None)
+    assert main(["flower", "certs", str(out)]) == 1  # refuses to overwrite
+    assert "refusing to overwrite" in capsys.readouterr().err

@@ -175,12 +175,13 @@ def serve(
     grid: Grid,
     config: RunConfig,
     *,
-    out_dir: Path,
+    out_dir: str | Path,
     num_sites: int,
     timeout: float = 600.0,
     progress: bool = True,
 ) -> RunResult:
     """The ServerApp's body: discover the sites, then medfed's loop over Flower."""
+    out_dir = Path(out_dir)
     if config.paradigm is not Paradigm.FEDERATED:
         raise FederationError(f"the Flower runtime runs federated training, not {config.paradigm}")
     _prepare_dir(out_dir, config, resume=False)
@@ -217,7 +218,7 @@ def serve(
     )
 
 
-def server_app(config: RunConfig, *, out_dir: Path, num_sites: int, **kw: Any) -> ServerApp:
+def server_app(config: RunConfig, *, out_dir: str | Path, num_sites: int, **kw: Any) -> ServerApp:
     """A ServerApp bound to ``config`` (simulation and tests build it in Python)."""
     app = ServerApp()
 

@@ -37,7 +37,15 @@ class InjectedFault(RuntimeError):
     pass
 
 
-def _apply_fault(update: Update, fault: FaultConfig, global_params: Params) -> Update:
+def fault_for(faults: Sequence[FaultConfig], site: str, round_idx: int) -> FaultConfig | None:
+    """The configured misbehaviour of ``site`` in this round, if any (for robustness tests)."""
+    for f in faults:
+        if f.site == site and (f.rounds is None or round_idx in f.rounds):
+            return f
+    return None
+
+
+def apply_fault(update: Update, fault: FaultConfig, global_params: Params) -> Update:
     params = dict(update.params)
     if fault.kind is FaultKind.NAN:
         key = next(k for k, v in params.items() if v.is_floating_point())
@@ -105,10 +113,7 @@ class InProcessRuntime:
         self.client_states: dict[str, ClientState] = {}
 
     def _fault(self, site: str, round_idx: int) -> FaultConfig | None:
-        f = self.faults.get(site)
-        if f is None or (f.rounds is not None and round_idx not in f.rounds):
-            return None
-        return f
+        return fault_for(list(self.faults.values()), site, round_idx)
 
     def execute(
         self,
@@ -152,6 +157,6 @@ class InProcessRuntime:
             self.client_states[site] = result.client_state
             update = result.update
             if fault is not None:
-                update = _apply_fault(update, fault, global_params)
+                update = apply_fault(update, fault, global_params)
             outcomes.append(update)
         return outcomes

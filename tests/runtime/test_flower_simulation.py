@@ -20,9 +20,9 @@ from medfed.runtime.flower.server import server_app  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path, strategy: str = "fedavg"):
+def _config(tmp_path, strategy: str = "fedavg", *extra: str, faults=()):
     return build_config(
-        {},
+        {"faults": list(faults)},
         [
             "data.ultrasound.scale=0.03",
             "data.ultrasound.num_sites=3",
@@ -34,13 +34,13 @@ def _config(tmp_path, strategy: str = "fedavg"):
             "federation.min_clients=3",
             f"federation.strategy.name={strategy}",
             "device=cpu",
+            *extra,
         ],
     )
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
-def test_simulation_matches_the_in_process_runtime(tmp_path, strategy):
-    config = _config(tmp_path, strategy)
+def _both(tmp_path, config):
+    """The in-process run and the same run in Flower's simulation."""
     fed, _ = load_federation(config.data)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Flower's simulation runs each client with one thread
@@ -55,6 +55,13 @@ def test_simulation_matches_the_in_process_runtime(tmp_path, strategy):
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
+    return fed, ref
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_simulation_matches_the_in_process_runtime(tmp_path, strategy):
+    config = _config(tmp_path, strategy)
+    fed, ref = _both(tmp_path, config)
     ours = load_file(str(tmp_path / "flower" / "final.safetensors"))
     assert ours.keys() == ref.final_params.keys()
     for k, v in ref.final_params.items():
@@ -71,3 +78,22 @@ def test_simulation_matches_the_in_process_runtime(tmp_path, strategy):
             assert a["site_val"][site]["auc"] == pytest.approx(m["auc"], abs=1e-6)
         # the pooled AUC from binned site histograms: exact up to the 1e-4 score quantisation
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=2e-3)
+
+
+def test_failing_and_poisoned_sites_are_rejected_the_same_way(tmp_path):
+    """A site that errors (as a dropout would) or sends NaN loses its round, on both runtimes."""
+    faults = [
+        {"site": "site2", "kind": "raise", "rounds": [0]},
+        {"site": "site3", "kind": "nan", "rounds": [1]},
+    ]
+    config = _config(tmp_path, "fedavg", "federation.min_clients=2", faults=faults)
+    _, ref = _both(tmp_path, config)
+    rows = [json.loads(x) for x in (tmp_path / "flower" / "history.jsonl").read_text().splitlines()]
+    assert (
+        list(rows[0]["rejected"]) == ["site2"] and "InjectedFault" in rows[0]["rejected"]["site2"]
+    )
+    assert list(rows[1]["rejected"]) == ["site3"] and "non-finite" in rows[1]["rejected"]["site3"]
+    assert [sorted(r["sites"]) for r in rows] == [sorted(r["sites"]) for r in ref.history]
+    ours = load_file(str(tmp_path / "flower" / "final.safetensors"))
+    for k, v in ref.final_params.items():
+        assert (ours[k].double() - v.double()).abs().max().item() <= 1e-6, k

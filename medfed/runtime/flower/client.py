@@ -23,7 +23,7 @@ from torch import nn
 from medfed.algorithms import STRATEGIES
 from medfed.algorithms.base import LocalTask, load_params
 from medfed.client.train import predict_proba, resolve_device
-from medfed.config import RunConfig, load_config
+from medfed.config import FaultKind, RunConfig, load_config
 from medfed.data.site import Site
 from medfed.engine import load_federation, model_for_shape
 from medfed.metrics.classification import accuracy, multiclass_auc
@@ -37,7 +37,7 @@ from medfed.runtime.flower.codec import (
     to_record,
     update_content,
 )
-from medfed.runtime.inprocess import local_round
+from medfed.runtime.inprocess import InjectedFault, apply_fault, fault_for, local_round
 
 
 class SiteDataError(RuntimeError):
@@ -133,12 +133,19 @@ def train(msg: Message, context: Context) -> Message:
         client_state=state,
     )
     data = site.train.to(device) if device.type == "cuda" else site.train
+    # Configured misbehaviour (robustness tests), exactly as the simulator injects it.
+    fault = fault_for(config.faults, site.name, task.round_idx)
+    if fault is not None and fault.kind in (FaultKind.RAISE, FaultKind.DROP):
+        raise InjectedFault(f"injected fault at site {site.name} ({fault.kind})")
     result = local_round(
         algorithm, model, task, data, config.train, device=device, seed=config.seed
     )
     for group, tensors in result.client_state.items():  # stays at the site
         context.state[f"{Key.STATE}{group}"] = to_record(tensors)
-    return Message(update_content(result.update), reply_to=msg)
+    update = result.update
+    if fault is not None:
+        update = apply_fault(update, fault, task.global_params)
+    return Message(update_content(update), reply_to=msg)
 
 
 @app.evaluate()

@@ -236,11 +236,23 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: run config keys ``config`` (YAML path), ``out``, ``num-sites``."""
     rc = context.run_config
+    if not rc.get("config"):
+        raise FederationError("run config 'config' (path of the medfed YAML) is not set")
     config = load_config(str(rc["config"]))
     serve(
         grid,
         config,
-        out_dir=Path(str(rc.get("out", f"runs/{config.name}-flower"))),
+        out_dir=Path(str(rc.get("out") or f"runs/{config.name}-flower")),
         num_sites=as_int(rc.get("num-sites", config.federation.min_clients)),
         timeout=as_float(rc.get("timeout", 600.0)),
     )
+
+
+APP_TEMPLATE = Path(__file__).parent / "app_template" / "pyproject.toml"
+
+
+def write_app_dir(dst: Path) -> Path:
+    """A Flower App folder for ``flwr run``: only a pyproject naming medfed's components."""
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "pyproject.toml").write_text(APP_TEMPLATE.read_text())
+    return dst

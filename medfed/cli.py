@@ -128,6 +128,42 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--days", type=int, default=365)
     certs.add_argument("--overwrite", action="store_true", help="replace existing files")
 
+    def _insecure(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--insecure",
+            action="store_true",
+            help="NO TLS and no node authentication: only for a throw-away test on one machine",
+        )
+
+    link = fsub.add_parser("superlink", help="start the SuperLink (TLS + SuperNode auth)")
+    link.add_argument("--certs", type=Path, help="folder written by `medfed flower certs`")
+    link.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    link.add_argument("--port", type=int, default=9093)
+    link.add_argument("--database", type=Path, help="state file (default: in memory)")
+    _insecure(link)
+    node = fsub.add_parser("supernode", help="start a hospital's SuperNode on its own data")
+    node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    node.add_argument("--site", required=True, help="this site's name in the data config")
+    node.add_argument(
+        "--site-data", required=True, type=Path, help="run config YAML whose data section is local"
+    )
+    node.add_argument("--key", type=Path, help="this SuperNode's OpenSSH private key")
+    node.add_argument("--ca", type=Path, help="the federation's CA certificate")
+    node.add_argument("--port", type=int, default=9094, help="local ClientApp API port")
+    _insecure(node)
+    reg = fsub.add_parser("register", help="allow a SuperNode's public key to join")
+    reg.add_argument("public_key", type=Path, metavar="PUBKEY")
+    reg.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    reg.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate")
+    frun = fsub.add_parser("run", help="run a medfed config on the federation")
+    frun.add_argument("config", type=Path, help="run config YAML (federation, model, training)")
+    frun.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    frun.add_argument("--ca", type=Path, help="the federation's CA certificate")
+    frun.add_argument("--sites", type=int, required=True, help="SuperNodes to wait for")
+    frun.add_argument("--out", type=Path, help="run directory on the SuperLink's machine")
+    frun.add_argument("--timeout", type=float, default=600.0, help="seconds to wait per exchange")
+    _insecure(frun)
+
     lst = sub.add_parser("list", help="registered components")
     lst.add_argument("what", choices=["strategies", "models"])
     return parser
@@ -279,6 +315,46 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_flower(args: argparse.Namespace) -> int:
+    from medfed.runtime.flower import commands
+
+    cmd = args.flower_command
+    if getattr(args, "insecure", False):
+        console.print(
+            "[bold red]WARNING: --insecure: no TLS, no node authentication. Anyone on the "
+            "network can read model updates and join the federation. Never use it with real "
+            "patient data.[/]"
+        )
+    elif cmd in ("superlink",) and args.certs is None:
+        raise ValueError("give --certs DIR (from `medfed flower certs`), or --insecure")
+    elif cmd in ("supernode", "run") and args.ca is None:
+        raise ValueError("give --ca (the federation's CA certificate), or --insecure")
+    if cmd == "superlink":
+        return commands.superlink(
+            args.certs, host=args.host, port=args.port, database=args.database,
+            insecure=args.insecure,
+        )  # fmt: skip
+    if cmd == "supernode":
+        if not args.insecure and args.key is None:
+            raise ValueError("give --key (this SuperNode's private key from `medfed flower certs`)")
+        return commands.supernode(
+            args.superlink, site=args.site, site_data=args.site_data, ca=args.ca, key=args.key,
+            port=args.port, insecure=args.insecure,
+        )  # fmt: skip
+    if cmd == "register":
+        node_id = commands.register(args.public_key, superlink_address=args.superlink, ca=args.ca)
+        console.print(f"[green]registered[/] {args.public_key} as node {node_id}")
+        return 0
+    if cmd == "run":
+        result = commands.run(
+            args.config, superlink_address=args.superlink, ca=args.ca, sites=args.sites,
+            out=args.out, timeout=args.timeout, insecure=args.insecure,
+        )  # fmt: skip
+        if not result.ok:
+            console.print(Text.assemble(("run failed: ", "bold red"), result.details))
+            print(result.log[-4000:])
+            return 1
+        console.print(f"[green]run {result.run_id} completed[/]")
+        return 0
     from medfed.runtime.flower.certs import generate_dev_certificates
 
     made = generate_dev_certificates(
@@ -320,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from medfed.config import ConfigError
     from medfed.engine import FederationError
+    from medfed.runtime.flower.deploy import FlowerDeploymentError
     from medfed.study import StudyError
 
     handlers = {
@@ -334,7 +411,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         console.print(Text.assemble(("config error: ", "bold red"), str(err)))
         return 2
-    except (FederationError, StudyError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (
+        FederationError,
+        StudyError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+        FlowerDeploymentError,
+    ) as err:
         if os.environ.get("MEDFED_DEBUG"):
             raise
         console.print(Text.assemble(("error: ", "bold red"), str(err)))

@@ -202,3 +202,34 @@ def test_flower_certs(tmp_path, capsys):
     serialization.load_ssh_private_key((out / "supernode-2").read_bytes(), password=None)
     assert main(["flower", "certs", str(out)]) == 1  # refuses to overwrite
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["flower", "superlink"], "--certs"),
+        (["flower", "superlink", "--certs", "nope"], "nope/ca.crt"),
+        (["flower", "supernode", "--superlink", "h:1", "--site", "a", "--site-data", "x.yaml"], "--ca"),
+        (
+            ["flower", "supernode", "--superlink", "h:1", "--site", "a", "--site-data", "x.yaml",
+             "--ca", "ca.crt", "--key", "k"],
+            "x.yaml",
+        ),
+        (["flower", "run", "c.yaml", "--superlink", "h:1", "--sites", "2"], "--ca"),
+    ],
+)  # fmt: skip
+def test_flower_commands_check_their_inputs_before_starting_anything(
+    tmp_path, monkeypatch, capsys, argv, needle
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_flower_supernode_names_a_bad_site_config_field(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "site.yaml").write_text("data:\n  sourse: files\n")
+    argv = ["flower", "supernode", "--superlink", "h:1", "--site", "a", "--site-data", "site.yaml"]
+    assert main([*argv, "--ca", "ca.crt", "--key", "k"]) == 2
+    assert "sourse" in capsys.readouterr().err

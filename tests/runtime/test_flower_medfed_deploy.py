@@ -13,9 +13,9 @@ pytest.importorskip("flwr")
 
 from medfed.config import load_config  # noqa: E402
 from medfed.engine import load_federation, run  # noqa: E402
+from medfed.runtime.flower import commands  # noqa: E402
 from medfed.runtime.flower.certs import generate_dev_certificates  # noqa: E402
 from medfed.runtime.flower.deploy import LocalDeployment, NodeSpec, TlsFiles  # noqa: E402
-from medfed.runtime.flower.server import write_app_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +45,15 @@ def test_deployment_reproduces_the_in_process_run(tmp_path):
     ]
     out = tmp_path / "flower-run"
     with LocalDeployment(tmp_path / "deploy", tls=tls, nodes=nodes, startup_timeout=60) as d:
-        result = d.run_app(
-            write_app_dir(tmp_path / "app"),
-            run_config={"config": str(cfg_path), "out": str(out), "num-sites": 3, "timeout": 120.0},
-            timeout=300,
+        # exactly what `medfed flower run CONFIG --superlink ... --ca ... --sites 3` does
+        result = commands.run(
+            cfg_path,
+            superlink_address=d.connection.address,
+            ca=certs.ca_cert,
+            sites=3,
+            out=out,
+            timeout=120.0,
+            home=tmp_path / "flwr-home",
         )
     assert result.ok, (result.status, result.details, result.log[-2000:])
     ours = load_file(str(out / "final.safetensors"))

@@ -1095,6 +1095,25 @@ class LocalDeployment:
         self.supernodes.append(proc)
         return proc
 
+    def stop_supernode(
+        self, index: int, *, sig: signal.Signals = signal.SIGKILL, timeout: float = 10.0
+    ) -> list[int]:
+        """Stop SuperNode ``index`` (start order) with its whole tree (SuperExec, ClientApps);
+        SIGKILL by default, i.e. a crash: no goodbye to the SuperLink. Returns the pids
+        signalled; raises if one is still alive after ``timeout`` s."""
+        proc = self.supernodes[index]
+        tree = proc.tree()
+        _signal(tree, sig)
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in tree):
+            if time.monotonic() > deadline:
+                alive = [p.pid for p in tree if _alive(p)]
+                raise FlowerDeploymentError(f"{proc.name}: pids {alive} survived {sig.name}")
+            time.sleep(0.05)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=timeout)  # reap it
+        return [p.pid for p in tree]
+
     def nodes(self) -> list[dict[str, object]]:
         """``flwr supernode list --format json`` -> the ``nodes`` entries."""
         res = self.cli(list_nodes_args(self.connection.name, executable=self._flwr)).json()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.algorithms import STRATEGIES
@@ -42,6 +43,10 @@ from medfed.runtime.flower.codec import (
 from medfed.runtime.inprocess import Failure, Outcome
 from medfed.types import Buffers, ClientState, Paradigm, Params
 
+GONE_GRACE_S = 5.0
+"""How long an exchange waits for a site that missed an earlier one, once the others answered."""
+POLL_INTERVAL_S = 1.0
+
 
 class FlowerRuntime:
     """medfed's ``Runtime`` over a Flower ``Grid``: one message per sampled site and round."""
@@ -55,28 +60,69 @@ class FlowerRuntime:
         self.timeout = timeout
         # Site-held state stays at the sites (Context.state); the server never sees it.
         self.client_states: dict[str, ClientState] = {}
+        # Sites that did not answer an earlier exchange: site -> why. They are still sent
+        # every message (a restarted node rejoins by answering), but no exchange waits more
+        # than ``gone_grace`` seconds for them once every other site has answered.
+        self.gone: dict[str, str] = {}
+        self.gone_grace = min(timeout, GONE_GRACE_S)
 
     def _task(self, round_idx: int) -> ConfigRecord:
         return ConfigRecord({Field.CONFIG: self.config_json, Field.ROUND: round_idx})
 
     def _exchange(
-        self, kind: str, sites: Sequence[str], content: Callable[[], RecordDict]
+        self,
+        kind: str,
+        round_idx: int,
+        sites: Sequence[str],
+        content: Callable[[], RecordDict],
     ) -> dict[str, Message | str]:
-        """Send to every site; the reply, or why there is none, per site."""
+        """Send to every site; the reply, or why there is none, per site.
+
+        Waits up to ``timeout`` s for the sites that answered last time; a site that has not
+        (``self.gone``) is waited for only while others are still pending, or ``gone_grace`` s,
+        so one dead SuperNode costs one timeout, not one per exchange.
+        """
         msgs = [
             Message(content=content(), dst_node_id=self.nodes[s], message_type=kind) for s in sites
         ]
-        replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
-        by_node = {r.metadata.src_node_id: r for r in replies}
+        ids: list[str | None] = list(self.grid.push_messages(msgs))
+        if len(ids) != len(sites):  # nothing pushed (e.g. payload too large)
+            ids = [None] * len(sites)
+        start = time.monotonic()
+        pending = {mid: site for mid, site in zip(ids, sites, strict=True) if mid}
+        got: dict[str, Message] = {}
+        while pending:
+            for msg in self.grid.pull_messages(list(pending)):
+                site = pending.pop(msg.metadata.reply_to_message_id, None)
+                if site is not None:
+                    got[site] = msg
+            waited = time.monotonic() - start
+            live_pending = any(s not in self.gone for s in pending.values())
+            if not pending or waited >= self.timeout:
+                break
+            if not live_pending and waited >= self.gone_grace:
+                break
+            time.sleep(POLL_INTERVAL_S)
         out: dict[str, Message | str] = {}
-        for site in sites:
-            reply = by_node.get(self.nodes[site])
-            if reply is None:
-                out[site] = f"no reply within {self.timeout:g} s (dropped out?)"
-            elif reply.has_error():
-                out[site] = f"site error {reply.error.code}: {reply.error.reason}"
+        for site, mid in zip(sites, ids, strict=True):
+            reply = got.get(site)
+            if not mid:
+                out[site] = "the SuperLink refused the message (node unknown or removed?)"
+            elif reply is None:
+                if site in self.gone:
+                    out[site] = f"no reply (dropped out? {self.gone[site]})"
+                else:
+                    out[site] = f"no reply within {self.timeout:g} s (dropped out?)"
+                    self.gone[site] = f"silent since round {round_idx}'s {kind}"
+            elif reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                out[site] = "dropped out: the SuperLink reports its SuperNode unavailable"
+                self.gone.setdefault(site, "SuperNode unavailable")
             else:
-                out[site] = reply
+                self.gone.pop(site, None)  # answered: alive (again)
+                if reply.has_error():
+                    out[site] = f"site error {reply.error.code}: {reply.error.reason}"
+                else:
+                    out[site] = reply
         return out
 
     def execute(
@@ -98,7 +144,8 @@ class FlowerRuntime:
             )
 
         outcomes: list[Outcome] = []
-        for site, reply in self._exchange(MessageType.TRAIN, participants, content).items():
+        replies = self._exchange(MessageType.TRAIN, round_idx, participants, content)
+        for site, reply in replies.items():
             if isinstance(reply, str):
                 outcomes.append(Failure(site, reply))
                 continue
@@ -118,7 +165,8 @@ class FlowerRuntime:
 
         site_val: dict[str, dict[str, float]] = {}
         hists: dict[str, tuple[list[int], list[int]]] = {}
-        for site, reply in self._exchange(MessageType.EVALUATE, list(self.nodes), content).items():
+        replies = self._exchange(MessageType.EVALUATE, round_idx, list(self.nodes), content)
+        for site, reply in replies.items():
             if isinstance(reply, str):
                 continue
             m = reply.content.metric_records[Key.METRICS]
@@ -168,6 +216,12 @@ def discover(
             raise FederationError(f"two SuperNodes claim site {name!r}")
         site_of[name] = reply.metadata.src_node_id
         shape = {k: as_int(rec[k]) for k in (Field.NUM_CLASSES, Field.IN_CHANS, Field.IMAGE_SIZE)}
+    if len(site_of) < len(nodes):
+        raise FederationError(
+            f"only {len(site_of)} of {len(nodes)} SuperNodes answered within {timeout:g} s "
+            f"(answered: {', '.join(sorted(site_of)) or 'none'}); raise the run config's "
+            "'timeout' if the sites are merely slow"
+        )
     return dict(sorted(site_of.items())), shape
 
 

@@ -216,6 +216,7 @@ def train_loop(
     resume: bool,
     reporter: Reporter,
     label: str,
+    resumable: bool = True,
 ) -> RunResult:
     """plan -> execute -> validate -> aggregate -> evaluate -> record -> checkpoint, per round.
 
@@ -288,7 +289,11 @@ def train_loop(
                 f"round {r}: only {len(accepted)} valid update(s) from {len(plan.participants)} "
                 f"sampled site(s), min_clients={min_clients}; rejected: "
                 + "; ".join(f"{s}: {why}" for s, why in rejected.items())
-                + (f". Fix the sites, then `medfed run --resume {out_dir}`" if r else "")
+                + (
+                    f". Fix the sites, then `medfed run --resume {out_dir}`"
+                    if r and resumable
+                    else ""
+                )
             )
         payload_bytes = sum(params_nbytes(p) for p in payload.values())
         bytes_down = len(plan.participants) * (params_nbytes(global_params) + payload_bytes)

@@ -269,6 +269,7 @@ def serve(
         resume=False,
         reporter=Reporter(enabled=progress),
         label="flower",
+        resumable=False,  # `medfed run --resume` is the simulator's; a deployment starts anew
     )
 
 

@@ -34,3 +34,25 @@ def test_gpu_throughput_without_cuda_says_so(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main([]) == 0
     assert "needs a GPU" in capsys.readouterr().out
+
+
+def test_flower_overhead_cli_and_wire_size(monkeypatch):
+    pytest.importorskip("flwr")
+    import torch
+    from flwr.app import ArrayRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    bench = _load("flower_overhead")
+    args = bench.parse_args(["--rounds", "2", "--scale", "0.05", "--image-size", "32", "--keep"])
+    assert (args.rounds, args.scale, args.image_size, args.keep) == (2, 0.05, 32, True)
+    assert bench.parse_args([]).rounds == 3
+    for attr in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    msg = Message(
+        RecordDict({"p": ArrayRecord({"w": torch.zeros(1000)})}),
+        dst_node_id=2,
+        message_type="train",
+    )
+    size = bench.wire_size(msg)
+    assert 4000 < size.proto < size.shipped < 4000 + 2000  # 4 kB of float32 + framing
+    assert size.objects == 5  # message, RecordDict, ArrayRecord, Array, one ArrayChunk

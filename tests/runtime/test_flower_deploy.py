@@ -10,8 +10,6 @@ app in ``tests/runtime/flower_app``. Leak checks scan ``/proc`` for any process 
 from __future__ import annotations
 
 import json
-import os
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ from medfed.runtime.flower.deploy import (  # noqa: E402
     register_args,
     run_args,
 )
+from tests.runtime.leaks import assert_no_leaks  # noqa: E402
 
 APP_DIR = Path(__file__).parent / "flower_app"
 NUMBERS = (1, 2, 4)  # node_config "number" of the three registered SuperNodes
@@ -63,43 +62,6 @@ def material(tmp_path_factory: pytest.TempPathFactory):
 # --------------------------------------------------------------------------- leak checks
 
 
-def _live_under(workdir: Path) -> list[tuple[int, str]]:
-    """Live (non-zombie) processes whose FLWR_HOME is inside ``workdir``."""
-    needle = f"FLWR_HOME={workdir}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        state = stat[stat.rfind(")") + 2]
-        if state not in "ZX" and any(v.startswith(needle) for v in env.split(b"\0")):
-            found.append((int(entry), cmd[:120]))
-    return found
-
-
-def _assert_no_leaks(dep: LocalDeployment, pids: list[int]) -> None:
-    assert dep.survivors == []
-    deadline = time.monotonic() + 5.0
-    while (leaks := _live_under(dep.workdir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert leaks == [], f"stray Flower processes: {leaks}"
-    alive = [p for p in pids if Path(f"/proc/{p}").exists() and _state(p) not in "ZX"]
-    assert alive == []
-
-
-def _state(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "X"
-    return stat[stat.rfind(")") + 2]
-
-
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 
 
@@ -117,7 +79,7 @@ def deployment(material, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     dep = LocalDeployment(tmp_path_factory.mktemp("deploy"), tls=tls, nodes=nodes)
     with dep:
         yield dep
-    _assert_no_leaks(dep, [])
+    assert_no_leaks(dep, [])
 
 
 @pytest.mark.slow
@@ -189,7 +151,7 @@ def test_failing_serverapp_run_is_reported_and_torn_down(material, tmp_path) -> 
         assert result.status is RunStatus.FAILED
         assert "deliberate ServerApp failure" in result.details
         raise RuntimeError("run failed")  # the caller's code blows up inside the block
-    _assert_no_leaks(dep, seen)
+    assert_no_leaks(dep, seen)
 
 
 @pytest.mark.slow
@@ -202,7 +164,7 @@ def test_startup_failure_tears_everything_down(material, tmp_path) -> None:
     dep = LocalDeployment(tmp_path / "deploy", tls=tls, nodes=[node], startup_timeout=30)
     with pytest.raises(FlowerDeploymentError, match="TLS verification failed"), dep:
         pytest.fail("start() should have raised")
-    _assert_no_leaks(dep, [])
+    assert_no_leaks(dep, [])
 
 
 def test_missing_certificate_file_is_reported_before_starting(material, tmp_path) -> None:

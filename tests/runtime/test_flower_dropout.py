@@ -11,7 +11,6 @@ a site that went silent is waited for once, not in every later exchange.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterable
@@ -41,6 +40,7 @@ from medfed.runtime.flower.deploy import (  # noqa: E402
     TlsFiles,
 )
 from medfed.runtime.flower.server import FlowerRuntime, write_app_dir  # noqa: E402
+from tests.runtime.leaks import alive, assert_no_leaks, live_under  # noqa: E402,F401
 
 ROUNDS = 3
 # Run-config `timeout`: how long a live site may take per exchange (discovery included). A dead
@@ -128,11 +128,11 @@ def _run_with_dropout(tmp_path: Path, material: Material, *, min_clients: int) -
             time.sleep(0.2)
         pids = dep.all_pids()
         killed_pids = dep.stop_supernode(KILLED)
-        assert all(not _alive(p) for p in killed_pids)
+        assert all(not alive(p) for p in killed_pids)
         result = future.result(timeout=660)
         pids = sorted(set(pids) | set(dep.all_pids()))
     seconds = time.monotonic() - t0
-    _assert_no_leaks(dep, pids)
+    assert_no_leaks(dep, pids)
     killed = material.sites[KILLED]
     return Dropout(result, out, killed, [s for s in material.sites if s != killed], seconds)
 
@@ -191,42 +191,6 @@ def test_run_fails_clearly_when_a_dead_supernode_leaves_too_few(tmp_path, materi
 
 
 # --------------------------------------------------------------------------- leak checks
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
-
-
-def _live_under(workdir: Path) -> list[tuple[int, str]]:
-    """Live processes whose FLWR_HOME is inside ``workdir``."""
-    needle = f"FLWR_HOME={workdir.resolve()}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if _alive(int(entry)) and any(v.startswith(needle) for v in env.split(b"\0")):
-            found.append((int(entry), cmd[:120]))
-    return found
-
-
-def _assert_no_leaks(dep: LocalDeployment, pids: list[int]) -> None:
-    assert dep.survivors == []
-    if not Path("/proc/self/environ").exists():
-        return
-    deadline = time.monotonic() + 5.0
-    while (leaks := _live_under(dep.workdir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert leaks == [], f"stray Flower processes: {leaks}"
-    assert [p for p in pids if _alive(p)] == []
 
 
 # --------------------------------------------------------------------------- fake grid

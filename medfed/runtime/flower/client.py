@@ -16,6 +16,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -112,12 +113,17 @@ def _model(config: RunConfig, site: Site) -> nn.Module:
     )
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, torch.device, nn.Module]:
+    """The run's config, this node's site, and a fresh model of the run's architecture."""
     config = _config(msg)
     site = site_for(context, config)
     device = resolve_device(config.device)
-    model = _model(config, site).to(device)
+    return config, site, device, _model(config, site).to(device)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, site, device, model = _setup(msg, context)
     strategy = config.federation.strategy
     algorithm = STRATEGIES.create(strategy.name, strategy.options)
     state = {
@@ -151,10 +157,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's validation split; only aggregates go back."""
-    config = _config(msg)
-    site = site_for(context, config)
-    device = resolve_device(config.device)
-    model = _model(config, site).to(device)
+    config, site, device, model = _setup(msg, context)
     load_params(model, from_record(msg.content.array_records[Key.GLOBAL]), device)
     proba = predict_proba(
         model,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -98,18 +98,6 @@ def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimize
     if opts.optimizer == "adam":
         return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
     return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-
-
-def batches(
-    n: int, batch_size: int, *, generator: torch.Generator | None, shuffle: bool
-) -> Iterator[torch.Tensor]:
-    """Index batches; a trailing batch of one is dropped when shuffling (BatchNorm can't train on it)."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        if shuffle and len(idx) < 2 and n > 1:
-            continue
-        yield idx
 
 
 def _autocast(device: torch.device, enabled: bool) -> AbstractContextManager[object]:
@@ -203,8 +191,8 @@ def predict_proba(
     """Softmax probabilities (N, num_classes) in eval mode."""
     model.eval()
     out = []
-    for idx in batches(len(data), batch_size, generator=None, shuffle=False):
-        x = to_input(data.images[idx], device, normalize=normalize)
+    for start in range(0, len(data), batch_size):
+        x = to_input(data.images[start : start + batch_size], device, normalize=normalize)
         with _autocast(device, amp):
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1))

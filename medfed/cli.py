@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from medfed.data.synthetic.ultrasound import UltrasoundOptions
+    from medfed.config import DataConfig
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -61,11 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="built-in data: synthesize, preview")
     dsub = data.add_subparsers(dest="data_command", required=True)
     synth = dsub.add_parser("synth", help="generate a synthetic federation to a folder")
-    synth.add_argument("kind", choices=["ultrasound"])
+    synth.add_argument("kind", choices=["ultrasound", "histology"])
     synth.add_argument("--out", required=True, help="output folder")
     _add_set(synth)
-    prev = dsub.add_parser("preview", help="PNG grid of example images per site")
-    prev.add_argument("config", nargs="?", help="run config whose data to preview (optional)")
+    prev = dsub.add_parser("preview", help="PNG grid of example images per site, masks outlined")
+    prev.add_argument(
+        "config", nargs="?", help="run or study config whose data to preview (optional)"
+    )
+    prev.add_argument(
+        "--kind",
+        choices=["ultrasound", "histology"],
+        default="ultrasound",
+        help="built-in federation to preview when no config is given",
+    )
     prev.add_argument("--out", required=True, help="PNG file to write")
     prev.add_argument("--per-site", type=int, default=8)
     _add_set(prev)
@@ -200,28 +208,45 @@ def _cmd_study(args: argparse.Namespace) -> int:
     config = load_study_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / config.name)
     result = run_study(config, out_dir=out, progress=not args.quiet)
+    metric, label = ("dice", "Dice") if config.task == "segmentation" else ("auc", "AUC")
     for network in result.results["meta"]["networks"]:
         for paradigm, splits in result.results[network].items():
             if paradigm.startswith("local:"):
                 continue
             line = "  ".join(
-                f"{split} AUC {m['auc']:.3f}"
+                f"{split} {label} {m[metric]:.3f}"
                 for split, m in splits.items()
-                if split in {"internal", "external"} and m["auc"] is not None
+                if split in {"internal", "external"} and m.get(metric) is not None
             )
             print(f"{network:>14} {paradigm:<12} {line}")
     console.print(f"[green]done[/] -> {out} (report: {result.report_html})")
     return 0
 
 
-def _ultrasound_options(
-    config_path: str | None, overrides: Sequence[str], *, prefix: str
-) -> UltrasoundOptions:
-    from medfed.config import build_config, load_config
+_SOURCES = {"ultrasound": "synthetic_ultrasound", "histology": "synthetic_histology"}
+
+
+def _data_config(config_path: str | None, overrides: Sequence[str], *, kind: str) -> DataConfig:
+    """The ``data`` section of a run or study config, or of the built-in ``kind``.
+
+    With a config, ``--set`` keys are relative to the config (``data.histology.image_size=128``);
+    without one they are options of the built-in generator (``image_size=128``).
+    """
+    from medfed.config import ConfigError, DataConfig, read_yaml, validate_tree
 
     if config_path:
-        return load_config(config_path, overrides).data.ultrasound
-    return build_config({}, [f"{prefix}{o}" for o in overrides]).data.ultrasound
+        raw = read_yaml(config_path)
+        sets = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
+        others = [o for o in overrides if not o.startswith("data.")]
+        if others:
+            raise ConfigError(f"data preview: only data.* can be --set, got {others}")
+        return validate_tree(DataConfig, raw.get("data"), sets, source=f"{config_path} (data)")
+    return validate_tree(
+        DataConfig,
+        {"source": _SOURCES[kind]},
+        [f"{kind}.{o}" for o in overrides],
+        source=f"built-in {kind} data",
+    )
 
 
 def _site_secret(args: argparse.Namespace) -> bytes:
@@ -276,20 +301,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from medfed.data.synthetic.preview import write_preview
-    from medfed.data.synthetic.ultrasound import synthesize_federation
+    from medfed.engine import load_federation
 
     if args.data_command == "deid":
         return _cmd_deid(args)
     if args.data_command == "check":
         return _cmd_check(args)
     if args.data_command == "synth":
-        opts = _ultrasound_options(None, args.overrides, prefix="data.ultrasound.")
+        data = _data_config(None, args.overrides, kind=args.kind)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        fed = synthesize_federation(opts, cache_dir=out)
+        fed, _ = load_federation(data.model_copy(update={"cache_dir": str(out)}))
         sites = list(fed.sites) + ([fed.external] if fed.external is not None else [])
+        options = data.ultrasound if args.kind == "ultrasound" else data.histology
         manifest = {
-            "options": opts.model_dump(mode="json"),
+            "kind": args.kind,
+            "options": options.model_dump(mode="json"),
             "sites": {
                 s.name: {
                     "train": len(s.train),
@@ -302,16 +329,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
             },
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        write_preview(fed, out / "preview.png")
+        write_preview(fed, out / "preview.png", class_names=_class_names(args.kind))
         console.print(
             f"[green]wrote[/] {out} ({sum(len(s.train) + len(s.val) for s in fed.sites)} training-site images)"
         )
         return 0
-    opts = _ultrasound_options(args.config, args.overrides, prefix="data.ultrasound.")
-    fed = synthesize_federation(opts, cache_dir=None)
-    path = write_preview(fed, Path(args.out), per_site=args.per_site)
+    data = _data_config(args.config, args.overrides, kind=args.kind)
+    fed, _ = load_federation(data)
+    kind = "histology" if data.source == "synthetic_histology" else "ultrasound"
+    path = write_preview(
+        fed, Path(args.out), per_site=args.per_site, class_names=_class_names(kind)
+    )
     console.print(f"[green]wrote[/] {path}")
     return 0
+
+
+def _class_names(kind: str) -> tuple[str, str]:
+    return ("N", "T") if kind == "histology" else ("B", "M")
 
 
 def _cmd_flower(args: argparse.Namespace) -> int:
@@ -385,9 +419,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
             )
             print(f"{name}" + (f"  (options: {fields})" if fields else ""))
     else:
-        from medfed.models.factory import model_names
+        from medfed.models.factory import model_names, model_task
 
-        print("\n".join(model_names()))
+        print("\n".join(f"{name}  ({model_task(name)})" for name in model_names()))
         print("timm:<any timm model name>")
     return 0
 

@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medfed.client.train import TrainOptions
 from medfed.data.sources.federation import FilesDataConfig
+from medfed.data.synthetic.histology import HistologyOptions
 from medfed.data.synthetic.ultrasound import UltrasoundOptions
 from medfed.registry import UnknownComponentError
-from medfed.types import Paradigm, StrEnum
+from medfed.types import Paradigm, StrEnum, Task
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -35,12 +36,20 @@ class _Section(BaseModel):
 
 class DataSource(StrEnum):
     SYNTHETIC_ULTRASOUND = "synthetic_ultrasound"
+    SYNTHETIC_HISTOLOGY = "synthetic_histology"
     FILES = "files"
 
 
 class DataConfig(_Section):
     source: DataSource = DataSource.SYNTHETIC_ULTRASOUND
-    ultrasound: UltrasoundOptions = Field(default_factory=UltrasoundOptions)
+    ultrasound: UltrasoundOptions = Field(
+        default_factory=UltrasoundOptions,
+        description="thyroid ultrasound: benign/malignant labels and nodule masks",
+    )
+    histology: HistologyOptions = Field(
+        default_factory=HistologyOptions,
+        description="H&E histology tiles with tumour masks (source: synthetic_histology)",
+    )
     files: FilesDataConfig | None = Field(
         None,
         description="real data: sites from CSV folders, DICOM, NIfTI or MedMNIST files "
@@ -141,6 +150,10 @@ class CheckpointConfig(_Section):
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
+    task: Task = Field(
+        Task.CLASSIFICATION,
+        description="classification (a label per image) or segmentation (a label per pixel)",
+    )
     paradigm: Paradigm = Paradigm.FEDERATED
     device: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -154,9 +167,34 @@ class RunConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in {"auto", "cpu"} and not v.startswith("cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {v!r}")
-        return v
+        return check_device(v)
+
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> RunConfig:
+        check_model_task(self.model, self.task)
+        return self
+
+
+def check_device(v: str) -> str:
+    if v not in {"auto", "cpu"} and not v.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {v!r}")
+    return v
+
+
+def check_model_task(model: ModelConfig, task: Task) -> None:
+    """A classifier cannot segment and a U-Net cannot classify: say so before anything runs."""
+    from medfed.models.factory import model_task
+
+    kind = model_task(model.name)
+    if kind is not task:
+        raise ValueError(
+            f"model {model.name!r} is a {kind} network but the task is {task}; choose a "
+            + (
+                "segmentation network, e.g. medfed:smallunet or monai:unet"
+                if task is Task.SEGMENTATION
+                else "classification network, e.g. medfed:smallcnn or timm:resnet50"
+            )
+        )
 
 
 def _describe(err: ValidationError) -> str:

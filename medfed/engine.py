@@ -24,7 +24,7 @@ from medfed.checkpoint import load_latest, save_checkpoint, save_params
 from medfed.client.train import resolve_device
 from medfed.config import DataConfig, DataSource, RunConfig, config_hash, dump_config
 from medfed.data.site import Federation, Site
-from medfed.evaluation import Evaluator, evaluate_external
+from medfed.evaluation import PRIMARY_METRIC, Evaluator, Scorer, Scores, evaluate_external
 from medfed.history import History, RoundRecord, SiteRound
 from medfed.models.factory import create_model
 from medfed.progress import Reporter
@@ -54,6 +54,10 @@ def load_federation(data: DataConfig) -> tuple[Federation, dict[str, Any] | None
         assert data.files is not None  # the config validator guarantees it
         fed, report = build_files_federation(data.files)
         return fed, report.to_json()
+    if data.source is DataSource.SYNTHETIC_HISTOLOGY:
+        from medfed.data.synthetic.histology import synthesize_histology_federation
+
+        return synthesize_histology_federation(data.histology, cache_dir=data.cache_dir), None
     from medfed.data.synthetic.ultrasound import synthesize_federation
 
     # cache_dir None -> $MEDFED_CACHE_DIR or ~/.cache/medfed (the generator decides, in one place)
@@ -67,7 +71,7 @@ def build_federation(config: RunConfig) -> Federation:
 def build_model(config: RunConfig, federation: Federation) -> nn.Module:
     return model_for_shape(
         config,
-        num_classes=federation.num_classes,
+        num_classes=federation.num_outputs(config.task),
         in_chans=federation.in_chans,
         image_size=int(federation.sites[0].train.images.shape[-1]),
     )
@@ -106,13 +110,15 @@ def _prepare_dir(out_dir: Path, config: RunConfig, *, resume: bool) -> None:
 
 @dataclass(frozen=True)
 class RoundEval:
-    """What the server learns about the new global model each round (metrics only)."""
+    """What the server learns about the new global model each round (metrics only).
 
-    val_auc: float
-    val_acc: float
-    site_val: dict[str, dict[str, float]]
-    external_auc: float | None = None
-    external_acc: float | None = None
+    ``val`` is the pooled internal validation ({auc, acc} for classification; {dice, jaccard,
+    pixel_acc, mean_image_dice} for segmentation), ``site_val`` the same per site plus ``n``.
+    """
+
+    val: Scores
+    site_val: dict[str, Scores]
+    external: Scores | None = None
 
 
 class Runtime(Protocol):
@@ -164,25 +170,21 @@ def _train_rounds(
         device=device,
         seed=config.seed,
         faults=[f for f in config.faults if f.site in site_names],
+        task=config.task,
     )
-    evaluator = Evaluator(
-        eval_sites,
+    scorer = Scorer(
+        config.task,
         device=device,
         batch_size=config.train.eval_batch_size,
         normalize=config.train.normalize,
+        num_classes=fed.num_outputs(config.task),
     )
+    evaluator = Evaluator(eval_sites, scorer=scorer)
 
     def evaluate(global_params: Params, client_states: Mapping[str, ClientState]) -> RoundEval:
-        val_auc, val_acc, site_val = evaluator(model, algorithm, global_params, client_states)
-        ext_auc, ext_acc = evaluate_external(
-            model,
-            global_params,
-            external,
-            device=device,
-            batch_size=config.train.eval_batch_size,
-            normalize=config.train.normalize,
-        )
-        return RoundEval(val_auc, val_acc, site_val, ext_auc, ext_acc)
+        val, site_val = evaluator(model, algorithm, global_params, client_states)
+        ext = evaluate_external(model, global_params, external, scorer=scorer)
+        return RoundEval(val, site_val, ext)
 
     return train_loop(
         config,
@@ -314,15 +316,13 @@ def train_loop(
                 )
                 for u in accepted
             },
-            val_auc=ev.val_auc,
-            val_acc=ev.val_acc,
+            val=dict(ev.val),
             site_val=ev.site_val,
             rejected=rejected,
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             seconds=time.perf_counter() - t0,
-            external_auc=ev.external_auc,
-            external_acc=ev.external_acc,
+            external=None if ev.external is None else dict(ev.external),
         )
         history.append(record)
         save_checkpoint(
@@ -356,9 +356,12 @@ def _summary(history: History, config: RunConfig, chash: str, wall: float) -> di
     return {
         "name": config.name,
         "paradigm": str(config.paradigm),
+        "task": str(config.task),
         "strategy": config.federation.strategy.name,
         "model": config.model.name,
         "rounds": len(history),
+        "val": last.get("val", {}),
+        "external": last.get("external"),
         "val_auc": last.get("val_auc"),
         "val_acc": last.get("val_acc"),
         "external_auc": last.get("external_auc"),
@@ -412,6 +415,10 @@ def _run(
         raise FederationError(
             f"faults name unknown site(s) {unknown}; sites: {', '.join(fed.names)}"
         )
+    try:
+        fed.check_task(config.task)
+    except ValueError as err:
+        raise FederationError(str(err)) from None
     reporter = Reporter(enabled=progress)
     fcfg = config.federation
     common = dict(eval_sites=fed.sites, external=fed.external, reporter=reporter)
@@ -463,14 +470,21 @@ def _run(
             label=f"{tag}local {site.name}",
             **common,  # type: ignore[arg-type]
         )
+    primary = PRIMARY_METRIC[config.task]
+
+    def score(res: RunResult) -> float:
+        value = res.summary["val"].get(primary)
+        return float("nan") if value is None else float(value)
+
     summary = {
         "name": config.name,
         "paradigm": str(config.paradigm),
+        "task": str(config.task),
         "model": config.model.name,
         "sites": {name: res.summary for name, res in results.items()},
-        "val_auc_mean": float(np.nanmean([res.summary["val_auc"] for res in results.values()])),
+        f"val_{primary}_mean": float(np.nanmean([score(res) for res in results.values()])),
         "config_hash": config_hash(config),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    best = max(results.values(), key=lambda res: res.summary["val_auc"])
+    best = max(results.values(), key=lambda res: np.nan_to_num(score(res), nan=-np.inf))
     return RunResult(best.history, summary, best.final_params)

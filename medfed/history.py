@@ -21,19 +21,41 @@ class RoundRecord:
     round: int
     participants: list[str]
     sites: dict[str, SiteRound]
-    val_auc: float
-    val_acc: float
+    val: dict[str, float]  # pooled internal validation: {auc, acc} or {dice, jaccard, ...}
     site_val: dict[str, dict[str, float]]
     rejected: dict[str, str]
     bytes_up: int
     bytes_down: int
     seconds: float
-    external_auc: float | None = None
-    external_acc: float | None = None
+    external: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # Flat classification keys, kept in every row so readers of older histories keep working.
+    @property
+    def val_auc(self) -> float | None:
+        return self.val.get("auc")
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.val.get("acc")
+
+    @property
+    def external_auc(self) -> float | None:
+        return None if self.external is None else self.external.get("auc")
+
+    @property
+    def external_acc(self) -> float | None:
+        return None if self.external is None else self.external.get("acc")
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=True)
+        row = asdict(self)
+        row |= {
+            "val_auc": self.val_auc,
+            "val_acc": self.val_acc,
+            "external_auc": self.external_auc,
+            "external_acc": self.external_acc,
+        }
+        return json.dumps(row, allow_nan=True)
 
 
 class History:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("medfed")
 
+_LABELS = {"auc": "AUC", "acc": "acc", "dice": "Dice", "jaccard": "Jaccard"}
+
 
 class Reporter:
     def __init__(self, *, enabled: bool = True, console: Console | None = None) -> None:
@@ -57,15 +59,20 @@ class Reporter:
     def round_done(self, rec: RoundRecord) -> None:
         losses = [s.train_loss for s in rec.sites.values()]
         loss = sum(losses) / len(losses) if losses else float("nan")
+        # The first two metrics of the task (AUC and accuracy, or Dice and Jaccard).
+        shown = list(rec.val)[:2]
+        val = "  ".join(f"{_LABELS.get(k, k)} {rec.val[k]:.3f}" for k in shown)
+        head = shown[0] if shown else ""
+        ext = rec.external or {}
         msg = (
-            f"{self._label} round {rec.round + 1}: loss {loss:.4f}  val AUC {rec.val_auc:.3f}  "
-            f"acc {rec.val_acc:.3f}"
-            + (f"  external AUC {rec.external_auc:.3f}" if rec.external_auc is not None else "")
+            f"{self._label} round {rec.round + 1}: loss {loss:.4f}  val {val}"
+            + (f"  external {_LABELS.get(head, head)} {ext[head]:.3f}" if head in ext else "")
             + (f"  rejected {len(rec.rejected)}" if rec.rejected else "")
             + f"  {rec.seconds:.1f}s"
         )
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, advance=1, status=f"val AUC {rec.val_auc:.3f}")
+            status = f"val {_LABELS.get(head, head)} {rec.val[head]:.3f}" if head else ""
+            self._progress.update(self._task, advance=1, status=status)
             self._progress.console.print(msg)
 
     def warn(self, message: str) -> None:

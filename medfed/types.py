@@ -34,6 +34,13 @@ class ParamKind(StrEnum):
     DELTA = "delta"
 
 
+class Task(StrEnum):
+    """What the network predicts: one label per image, or one label per pixel (voxel)."""
+
+    CLASSIFICATION = "classification"
+    SEGMENTATION = "segmentation"
+
+
 class Paradigm(StrEnum):
     FEDERATED = "federated"
     CENTRALIZED = "centralized"

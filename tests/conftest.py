@@ -48,3 +48,49 @@ def make_federation(
 @pytest.fixture
 def tiny_federation() -> Federation:
     return make_federation()
+
+
+def make_seg_site_data(n: int, *, size: int = 16, seed: int = 0) -> ArrayDataset:
+    """Bright squares at random places on noise, their footprint as the mask.
+
+    Every other image is normal tissue (empty mask), so the empty-mask conventions are exercised;
+    the squares sit in the left half, so a mask that did not flip with its image would be wrong.
+    """
+    rng = np.random.default_rng(seed)
+    images = rng.normal(90, 25, size=(n, 1, size, size))
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    side = size // 4
+    for i in range(n):
+        if i % 2 == 0:
+            continue
+        r = rng.integers(0, size - side)
+        c = rng.integers(0, size // 2 - side + 1)
+        masks[i, r : r + side, c : c + side] = 1
+    images[:, 0][masks == 1] += 90
+    labels = torch.from_numpy((masks.reshape(n, -1).max(axis=1)).astype(np.int64))
+    return ArrayDataset(
+        images=torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8)),
+        labels=labels,
+        masks=torch.from_numpy(masks),
+    )
+
+
+def make_seg_federation(
+    n_sites: int = 3, *, n: int = 24, size: int = 16, seed: int = 0, external: bool = True
+) -> Federation:
+    sites = tuple(
+        Site.from_dataset(
+            f"site{i}", make_seg_site_data(n + 4 * i, size=size, seed=seed + i), seed=i
+        )
+        for i in range(n_sites)
+    )
+    ext = None
+    if external:
+        data = make_seg_site_data(12, size=size, seed=seed + 100)
+        ext = Site("external", data.subset([]), data)
+    return Federation(sites, ext)
+
+
+@pytest.fixture
+def seg_federation() -> Federation:
+    return make_seg_federation()

@@ -56,3 +56,14 @@ def test_flower_overhead_cli_and_wire_size(monkeypatch):
     size = bench.wire_size(msg)
     assert 4000 < size.proto < size.shipped < 4000 + 2000  # 4 kB of float32 + framing
     assert size.objects == 5  # message, RecordDict, ArrayRecord, Array, one ArrayChunk
+
+
+@pytest.mark.slow
+def test_seg_overhead_smoke_reaches_identical_parameters(capsys):
+    bench = _load("seg_overhead")
+    args = ["--sites", "2", "--scale", "0.02", "--image-size", "32", "--rounds", "1"]
+    assert bench.main([*args, "--repeats", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "ratio wall" in line
+    diff = float(line.rsplit("max |param diff|", 1)[1])
+    assert diff < 1e-5  # the same arithmetic, in the engine and in plain PyTorch

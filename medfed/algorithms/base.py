@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from medfed.algorithms.aggregate import fedavg_aggregate
 from medfed.client.train import TrainOptions, TrainResult, train_local
 from medfed.data.site import ArrayDataset
-from medfed.types import Buffers, ClientState, ParamKind, Params, StrategyState, Update
+from medfed.types import Buffers, ClientState, ParamKind, Params, StrategyState, Task, Update
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class LocalTask:
     global_params: Params
     payload: Buffers = field(default_factory=dict)  # extra server->client tensors (SCAFFOLD's c)
     client_state: ClientState = field(default_factory=dict)  # what this site kept last time
+    kind: Task = Task.CLASSIFICATION  # what the network learns: the loss, and the targets
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def plain_local_update(
 ) -> LocalResult:
     """FedAvg's client half, reused by every algorithm whose client just trains locally."""
     load_params(model, task.global_params, device)
-    result = train_local(model, data, opts, generator=generator, device=device)
+    result = train_local(model, data, opts, generator=generator, device=device, task=task.kind)
     return LocalResult(weights_update(task.site, model, result))
 
 

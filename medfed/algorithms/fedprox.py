@@ -66,7 +66,15 @@ class FedProx(AlgorithmBase):
     ) -> LocalResult:
         load_params(model, task.global_params, device)
         term = proximal_term(model, self.options.mu) if self.options.mu > 0 else None
-        result = train_local(model, data, opts, generator=generator, device=device, loss_term=term)
+        result = train_local(
+            model,
+            data,
+            opts,
+            generator=generator,
+            device=device,
+            loss_term=term,
+            task=task.kind,
+        )
         return LocalResult(weights_update(task.site, model, result))
 
 

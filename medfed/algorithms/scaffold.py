@@ -197,7 +197,13 @@ class Scaffold(AlgorithmBase):
 
         plain = opts.model_copy(update={"momentum": 0.0}) if opts.momentum else opts
         result = train_local(
-            model, data, plain, generator=generator, device=device, grad_hook=correct
+            model,
+            data,
+            plain,
+            generator=generator,
+            device=device,
+            grad_hook=correct,
+            task=task.kind,
         )
         y = read_params(model)
 

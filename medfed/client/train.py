@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from medfed.data.site import ArrayDataset
+from medfed.types import Task
 
 LossTerm = Callable[[nn.Module], torch.Tensor]
 GradHook = Callable[[nn.Module], None]
@@ -106,6 +107,41 @@ def _autocast(device: torch.device, enabled: bool) -> AbstractContextManager[obj
     return nullcontext()
 
 
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def objective(task: Task) -> Objective:
+    """The batch loss of ``task``: cross-entropy per image, or Dice + cross-entropy per pixel.
+
+    Dice + CE (MONAI's ``DiceCELoss``) is the usual segmentation loss: CE gives smooth early
+    gradients, Dice keeps a small foreground (a nodule, a tumour island) from being ignored.
+    """
+    if task is Task.CLASSIFICATION:
+        return F.cross_entropy
+    from monai.losses import DiceCELoss
+
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Loss in float32 even under bf16 autocast: the soft Dice sums are precision-sensitive.
+        return dice_ce(logits.float(), target.unsqueeze(1))
+
+    return seg_loss
+
+
+def targets(data: ArrayDataset, task: Task, *, site: str = "") -> torch.Tensor:
+    """What the network learns: image labels, or per-pixel masks (an error names the site)."""
+    if task is Task.CLASSIFICATION:
+        return data.labels
+    if data.masks is None:
+        where = f"site {site!r}" if site else "the dataset"
+        raise ValueError(
+            f"task segmentation needs masks, but {where} has none (give mask_path in the "
+            "manifest, or use a source with masks)"
+        )
+    return data.masks
+
+
 def train_local(
     model: nn.Module,
     data: ArrayDataset,
@@ -115,10 +151,12 @@ def train_local(
     device: torch.device,
     loss_term: LossTerm | None = None,
     grad_hook: GradHook | None = None,
+    task: Task = Task.CLASSIFICATION,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; all randomness comes from ``generator``."""
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
+    criterion = objective(task)
     start = time.perf_counter()
     model.train()
     if device.type == "cuda":
@@ -126,7 +164,7 @@ def train_local(
     if device.type == "cuda" and opts.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, opts)
-    images, labels = data.images.to(device), data.labels.to(device)
+    images, labels = data.images.to(device), targets(data, task).to(device)
     n = len(data)
     total_loss = torch.zeros((), device=device)
     seen = steps = 0
@@ -152,13 +190,17 @@ def train_local(
                 break  # BatchNorm cannot train on a trailing batch of one
             idx = order[start:stop]
             x = to_input(images[idx], device, normalize=opts.normalize)
-            y = labels[idx]
+            y = labels[idx].long()
             if flips is not None:
-                x = torch.where(flips[start:stop, None, None, None], x.flip(-1), x)
+                flip = flips[start:stop]
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                if y.ndim > 1:  # a mask flips with its image
+                    flip = flip.view(-1, *([1] * (y.ndim - 1)))
+                    y = torch.where(flip, y.flip(-1), y)
             if device.type == "cuda" and opts.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, opts.amp):
-                loss = F.cross_entropy(model(x), y)
+                loss = criterion(model(x), y)
             if loss_term is not None:
                 loss = loss + loss_term(model)
             optimizer.zero_grad(set_to_none=True)
@@ -200,3 +242,29 @@ def predict_proba(
         return np.zeros((0, 2), dtype=np.float64)
     # One device->host copy for the whole split, not one per batch.
     return torch.cat(out).cpu().double().numpy()
+
+
+@torch.no_grad()
+def predict_masks(
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    amp: bool = True,
+    normalize: str = "per_image",
+) -> torch.Tensor:
+    """Arg-max label maps (N, *spatial) as uint8 on the host, in eval mode.
+
+    Masks stay at the site: callers reduce them to confusion counts before anything is sent.
+    """
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        x = to_input(data.images[start : start + batch_size], device, normalize=normalize)
+        with _autocast(device, amp):
+            logits = model(x)
+        out.append(logits.argmax(dim=1).to(torch.uint8))
+    if not out:
+        return torch.zeros((0, *data.images.shape[2:]), dtype=torch.uint8)
+    return torch.cat(out).cpu()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from medfed.data.split import stratified_split
+from medfed.types import Task
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,11 @@ class ArrayDataset:
         )
 
     def to(self, device: torch.device | str) -> ArrayDataset:
-        """The same dataset on ``device`` (GPU-resident uint8 when it fits); masks stay put."""
+        """The same dataset on ``device`` (GPU-resident uint8 when it fits)."""
         return ArrayDataset(
             images=self.images.to(device),
             labels=self.labels.to(device),
-            masks=self.masks,
+            masks=None if self.masks is None else self.masks.to(device),
             case_ids=self.case_ids,
         )
 
@@ -71,6 +72,18 @@ class ArrayDataset:
     @property
     def in_chans(self) -> int:
         return int(self.images.shape[1])
+
+    @property
+    def num_mask_classes(self) -> int:
+        """Labels in the masks (background included); 0 without masks."""
+        if self.masks is None or not len(self):
+            return 0
+        return int(self.masks.max().item()) + 1
+
+    def num_outputs(self, task: Task) -> int:
+        """Output channels the network needs: image classes, or mask labels; at least two."""
+        n = self.num_classes if task is Task.CLASSIFICATION else self.num_mask_classes
+        return max(n, 2)
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=2).tolist()
@@ -141,3 +154,18 @@ class Federation:
     @property
     def num_classes(self) -> int:
         return max(max(s.train.num_classes, s.val.num_classes) for s in self.sites)
+
+    def num_outputs(self, task: Task) -> int:
+        return max(max(s.train.num_outputs(task), s.val.num_outputs(task)) for s in self.sites)
+
+    def check_task(self, task: Task) -> None:
+        """Segmentation needs a mask for every image; say which site lacks them, before training."""
+        if task is Task.CLASSIFICATION:
+            return
+        for site in (*self.sites, *([self.external] if self.external is not None else [])):
+            for split, data in (("train", site.train), ("val", site.val)):
+                if len(data) and data.masks is None:
+                    raise ValueError(
+                        f"task segmentation needs masks, but site {site.name!r} has none in its "
+                        f"{split} split (give mask_path in the manifest, or use a source with masks)"
+                    )

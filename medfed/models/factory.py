@@ -1,4 +1,6 @@
-"""Model factory: timm classification networks, small CPU-friendly CNNs, optional local weights.
+"""Model factory: timm classification networks, small CPU-friendly CNNs, MONAI segmentation
+networks (``monai:``, ``medfed:smallunet``; see :mod:`medfed.models.segmentation`), optional local
+weights.
 
 Nothing is downloaded: ``pretrained_path`` points at a local safetensors (or PyTorch) file, which is
 how a federation starts from an agreed checkpoint (federated transfer learning).
@@ -11,7 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medfed.models.segmentation import (
+    SEGMENTATION_NETS,
+    build_segmentation_net,
+    is_segmentation_net,
+)
 from medfed.registry import Registry, UnknownComponentError
+from medfed.types import Task
 
 BUILTIN: Registry[nn.Module] = Registry("model")
 
@@ -96,11 +104,16 @@ def _tinycnn(*, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
 
 
 def model_names() -> list[str]:
-    return [f"medfed:{n}" for n in BUILTIN.names()] + [f"timm:{n}" for n in TIMM_CHOICES]
+    medfed = [f"medfed:{n}" for n in BUILTIN.names()]
+    medfed += [n for n in SEGMENTATION_NETS if n.startswith("medfed:")]
+    monai = [n for n in SEGMENTATION_NETS if n.startswith("monai:")]
+    return sorted(medfed) + sorted(monai) + [f"timm:{n}" for n in TIMM_CHOICES]
 
 
 def check_model_name(name: str) -> str:
     """Validate a model name without building it (used by config validation)."""
+    if is_segmentation_net(name):
+        return name
     source, _, arch = name.partition(":") if ":" in name else ("timm", ":", name)
     if source == "medfed":
         if arch not in BUILTIN:
@@ -115,6 +128,14 @@ def check_model_name(name: str) -> str:
     raise UnknownComponentError("model", name, model_names())
 
 
+def model_task(name: str) -> Task:
+    """What a (valid) model name predicts: config validation refuses a classification network
+    for a segmentation task and vice versa. Segmentation networks output per-pixel logits
+    ``(B, num_classes, *spatial)``; classification networks ``(B, num_classes)``."""
+    check_model_name(name)
+    return Task.SEGMENTATION if is_segmentation_net(name) else Task.CLASSIFICATION
+
+
 def create_model(
     name: str,
     *,
@@ -123,9 +144,37 @@ def create_model(
     image_size: int = 64,
     pretrained_path: str | Path | None = None,
     freeze_backbone: bool = False,
+    spatial_dims: int = 2,
 ) -> nn.Module:
-    """Build ``medfed:<name>`` or ``timm:<name>`` (a bare name means timm)."""
+    """Build ``medfed:<name>``, ``monai:<name>`` or ``timm:<name>`` (a bare name means timm).
+
+    ``spatial_dims`` (2 or 3) applies to segmentation networks; classification networks are 2-D
+    only. ``image_size`` is the input side: segmentation networks check it fits their strides.
+    """
     check_model_name(name)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if is_segmentation_net(name):
+        if freeze_backbone:
+            raise ValueError(
+                f"freeze_backbone is not supported for the segmentation network {name}: "
+                "it has no classifier head to train alone (the decoder is the head)"
+            )
+        model = build_segmentation_net(
+            name,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            spatial_dims=spatial_dims,
+            image_size=image_size,
+        )
+        if pretrained_path is not None:
+            load_pretrained(model, pretrained_path)
+        return model
+    if spatial_dims != 2:
+        raise ValueError(
+            f"{name} is 2-D only; spatial_dims={spatial_dims} needs a segmentation network: "
+            f"{', '.join(SEGMENTATION_NETS)}"
+        )
     source, _, arch = name.partition(":") if ":" in name else ("timm", ":", name)
     if source == "medfed":
         model = BUILTIN.entry(arch).factory(
@@ -144,8 +193,8 @@ def create_model(
     return model
 
 
-def _head_names(model: nn.Module) -> set[str]:
-    """Parameter names of the classifier head (timm's get_classifier, or our ``head``/``fc``)."""
+def _find_head(model: nn.Module) -> nn.Module | None:
+    """The classifier head (timm's get_classifier, or our ``head``/``fc``); None if there is none."""
     head: object = None
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
@@ -154,14 +203,26 @@ def _head_names(model: nn.Module) -> set[str]:
         head = model.head
     elif hasattr(model, "fc"):
         head = model.fc
-    if not isinstance(head, nn.Module):
-        raise ValueError(f"cannot find the classifier head of {type(model).__name__}")
+    return head if isinstance(head, nn.Module) else None
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Parameter names of the classifier head."""
+    head = _find_head(model)
+    if head is None:
+        raise ValueError(
+            f"cannot find the classifier head of {type(model).__name__} "
+            "(segmentation networks have none)"
+        )
     ids = {id(p) for p in head.parameters()}
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> None:
-    """Load local weights; a classifier of a different shape (other class count) is left fresh."""
+    """Load local weights; a classifier of a different shape (other class count) is left fresh.
+
+    A network without a classifier head (a segmentation network) must match in every shape.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
@@ -184,11 +245,21 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
             f"{path}: keys not in the model: {unknown[:5]}{'...' if len(unknown) > 5 else ''}"
         )
     compatible = {k: v for k, v in state.items() if v.shape == own[k].shape}
-    mismatched = set(state) - set(compatible) - _head_names(model)
+    mismatched = set(state) - set(compatible)
     if mismatched:
-        raise ValueError(
-            f"{path}: shape mismatch outside the classifier head: {sorted(mismatched)[:5]}"
-        )
+        if _find_head(model) is None:
+            shown = [
+                f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(mismatched)
+            ]
+            raise ValueError(
+                f"{path}: shape mismatch (the network has no classifier head to leave fresh, so "
+                f"every tensor must match; other class or channel count?): {shown[:5]}"
+            )
+        outside = mismatched - _head_names(model)
+        if outside:
+            raise ValueError(
+                f"{path}: shape mismatch outside the classifier head: {sorted(outside)[:5]}"
+            )
     model.load_state_dict(compatible, strict=False)
 
 

@@ -31,7 +31,7 @@ from medfed.report.load import (
     RoundPoint,
     Study,
 )
-from medfed.report.text import fmt_score, paradigm_label, split_label
+from medfed.report.text import METRIC_LABELS, fmt_score, paradigm_label, split_label
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 CENTRAL_COLOR = "#0072B2"
@@ -128,21 +128,27 @@ def roc_figure(study: Study, network: str) -> bytes:
     return buf.getvalue()
 
 
-def _series(points: tuple[RoundPoint, ...], attr: str) -> tuple[list[int], list[float]]:
+def _series(
+    points: tuple[RoundPoint, ...], split: str, metric: str = ""
+) -> tuple[list[int], list[float]]:
+    """Per round, ``metric`` on ``split`` ("val", "external"), or the train loss (``"loss"``)."""
     xs, ys = [], []
     for pt in points:
-        v = getattr(pt, attr)
+        v = pt.train_loss if split == "loss" else pt.score(split, metric)
         xs.append(pt.round + 1)
         ys.append(math.nan if v is None else v)
     return xs, ys
 
 
 def learning_figure(study: Study, network: str) -> bytes | None:
-    """Federated AUC and train loss per round, centralized (same budget per round) for reference.
+    """Federated AUC (Dice) and train loss per round, centralized (same budget per round) for
+    reference.
 
     ``None`` when neither run recorded a history, so the caller can say so instead of showing
     empty axes that look like a failed model.
     """
+    metric = study.headline
+    label = METRIC_LABELS[metric]
     hist = study.histories.get(network, {})
     runs = [(p, hist.get(p)) for p in (FEDERATED, CENTRALIZED)]
     runs_with = [(p, pts) for p, pts in runs if pts]
@@ -155,23 +161,26 @@ def learning_figure(study: Study, network: str) -> bytes | None:
             color = FEDERATED_COLOR if p == FEDERATED else CENTRAL_COLOR
             name = paradigm_label(p)
             ax_auc.plot(
-                *_series(pts, "val_auc"), "-o", color=color, ms=3, label=f"{name}, internal"
+                *_series(pts, "val", metric), "-o", color=color, ms=3, label=f"{name}, internal"
             )
-            if any(pt.external_auc is not None for pt in pts):
-                ext = _series(pts, "external_auc")
+            if any(pt.score("external", metric) is not None for pt in pts):
+                ext = _series(pts, "external", metric)
                 ax_auc.plot(*ext, "--s", color=color, ms=3, alpha=0.8, label=f"{name}, external")
             if any(pt.train_loss is not None for pt in pts):
-                ax_loss.plot(*_series(pts, "train_loss"), "-o", color=color, ms=3, label=name)
-        ax_auc.set_title("Validation AUC")
-        # Chance to perfect, widened only if a run starts below chance: autoscaling would
-        # magnify a 0.001 wiggle near 1.0 into a dramatic-looking curve.
-        aucs = [
-            v for _, pts in runs_with for pt in pts or () for v in (pt.val_auc, pt.external_auc)
+                ax_loss.plot(*_series(pts, "loss"), "-o", color=color, ms=3, label=name)
+        ax_auc.set_title(f"Validation {label}")
+        # Chance (AUC) or nothing (Dice) to perfect, widened only if a run starts below chance:
+        # autoscaling would magnify a 0.001 wiggle near 1.0 into a dramatic-looking curve.
+        scores = [
+            pt.score(split, metric)
+            for _, pts in runs_with
+            for pt in pts or ()
+            for split in ("val", "external")
         ]
-        low = min([0.5, *(v for v in aucs if v is not None)])
+        low = min([0.5 if metric == "auc" else 0.0, *(v for v in scores if v is not None)])
         ax_auc.set_ylim(math.floor(low * 20) / 20, 1.01)
         ax_auc.set_xlabel("Round")
-        ax_auc.set_ylabel("AUC")
+        ax_auc.set_ylabel(label)
         ax_loss.set_title("Mean training loss (example-weighted over sites)")
         ax_loss.set_xlabel("Round")
         ax_loss.set_ylabel("Loss")
@@ -188,6 +197,7 @@ def learning_figure(study: Study, network: str) -> bytes | None:
 
 def site_figure(study: Study, network: str) -> bytes:
     """Per site, three bars: centralized, federated, and that site's own local model."""
+    metric = study.headline
     sites = study.meta.sites
     bars = (
         (CENTRALIZED, CENTRAL_COLOR, "Centralized"),
@@ -207,8 +217,8 @@ def site_figure(study: Study, network: str) -> bytes:
                     if p in study.meta.paradigms
                     else None
                 )
-                v = m.value("auc") if m is not None else None
-                ci = m.ci("auc") if m is not None else None
+                v = m.value(metric) if m is not None else None
+                ci = m.ci(metric) if m is not None else None
                 v_num = math.nan if v is None else v
                 lo = ci[0] if ci is not None and ci[0] is not None else v_num
                 hi = ci[1] if ci is not None and ci[1] is not None else v_num
@@ -224,9 +234,10 @@ def site_figure(study: Study, network: str) -> bytes:
                 label=label,
                 error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"},
             )
-        ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
+        if metric == "auc":
+            ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
         ax.set_xticks(x, list(sites))
-        ax.set_ylabel("AUC on the site's own validation split")
+        ax.set_ylabel(f"{METRIC_LABELS[metric]} on the site's own validation split")
         ax.set_ylim(0.0, 1.05)  # bars start at zero: a truncated axis inflates the gaps
         ax.grid(axis="y", alpha=0.25)
         ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.12))

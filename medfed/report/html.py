@@ -13,7 +13,7 @@ from html import escape
 from medfed.report import figures
 from medfed.report.load import FEDERATED, Study
 from medfed.report.tables import Table, all_tables
-from medfed.report.text import budget_sentence, fmt_date, method_note, narrative
+from medfed.report.text import METRIC_LABELS, budget_sentence, fmt_date, method_note, narrative
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
@@ -71,6 +71,15 @@ SECTIONS = (
     ("timing", "Wall time"),
     ("comparisons", "Statistical comparisons"),
 )
+SEGMENTATION_SECTIONS = tuple(
+    ("overlays", "Example segmentations") if key == "roc" else (key, title)
+    for key, title in SECTIONS
+)
+"""A segmentation study has no ROC curves; its example overlays take their place."""
+
+
+def sections(study: Study) -> tuple[tuple[str, str], ...]:
+    return SEGMENTATION_SECTIONS if study.segmentation else SECTIONS
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -136,7 +145,7 @@ def render_table(table: Table) -> str:
 def _header(study: Study) -> str:
     m = study.meta
     models = ", ".join(f"{escape(n)} (<code>{escape(m.models[n])}</code>)" for n in m.networks)
-    rows = (
+    rows: tuple[tuple[str, str], ...] = (
         ("Date", escape(fmt_date(m.created))),
         ("Networks", models),
         ("Strategy", escape(m.strategy)),
@@ -146,8 +155,10 @@ def _header(study: Study) -> str:
         ("Config hash", f"<code>{escape(study.config_hash)}</code>"),
         ("medfed", escape(m.medfed_version)),
     )
+    if study.segmentation:
+        rows = (("Task", "Segmentation"), *rows)
     items = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
-    nav = "".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS)
+    nav = "".join(f'<a href="#{key}">{title}</a>' for key, title in sections(study))
     return (
         "<header><h1>Federated learning study report</h1>"
         f'<p class="subtitle">{escape(m.name)}</p><dl class="meta">{items}</dl>'
@@ -164,7 +175,30 @@ def _summary(study: Study) -> str:
     return f'<div class="summary">{paras}</div><p class="note">{note}</p>'
 
 
+def _overlays(study: Study) -> str:
+    """The study's own PNGs, inlined as they are; a placeholder names what could not be read."""
+    out = []
+    for net in study.meta.networks:
+        name = escape(net)
+        overlay = study.overlays.get(net)
+        png = overlay.png if overlay is not None else None
+        problem = overlay.problem if overlay is not None else "no overlay image recorded"
+        caption = (
+            f"{name}: validation images from each site. Columns: image, ground truth, federated "
+            "prediction, centralized prediction."
+        )
+        fig = _figure(
+            png,
+            alt=f"Example segmentations by {net}",
+            caption=caption,
+            placeholder=f"{name}: {escape(problem)}",
+        )
+        out.append(f'<div class="figcell"><h3>{name}</h3>{fig}</div>')
+    return f'<div class="figrow">{"".join(out)}</div>'
+
+
 def _figures(study: Study, kind: str) -> str:
+    label = METRIC_LABELS[study.headline]
     out = []
     for net in study.meta.networks:
         name = escape(net)
@@ -179,17 +213,18 @@ def _figures(study: Study, kind: str) -> str:
         elif kind == "learning":
             png = figures.learning_figure(study, net)
             caption = (
-                f"{name}: validation AUC and mean training loss of the {FEDERATED} run per "
+                f"{name}: validation {label} and mean training loss of the {FEDERATED} run per "
                 "round; the centralized run, evaluated after the same share of the training "
                 "budget, for reference."
             )
+            if study.segmentation:
+                caption += " Dashed: the external site."
             alt = f"Learning curves for {net}"
         else:
             png = figures.site_figure(study, net)
-            caption = (
-                f"{name}: AUC on each site's own validation split with 95% CI; dashed line: chance."
-            )
-            alt = f"Per-site AUC for {net}"
+            chance = "" if study.segmentation else "; dashed line: chance"
+            caption = f"{name}: {label} on each site's own validation split with 95% CI{chance}."
+            alt = f"Per-site {label} for {net}"
         fig = _figure(png, alt=alt, caption=caption, placeholder=f"{name}: no history recorded")
         out.append(f'<div class="figcell"><h3>{name}</h3>{fig}</div>')
     return f'<div class="figrow">{"".join(out)}</div>'
@@ -197,10 +232,12 @@ def _figures(study: Study, kind: str) -> str:
 
 def render_html(study: Study) -> str:
     tables = {k: render_table(t) for k, t in all_tables(study).items()}
-    sections = {
+    performance = list(tables.values())[:2]  # Tables 1 and 2, whatever the task calls them
+    content = {
         "summary": _summary(study),
-        "performance": tables["study"] + tables["predictive"],
-        "roc": _figures(study, "roc"),
+        "performance": "".join(performance),
+        "roc": "" if study.segmentation else _figures(study, "roc"),
+        "overlays": _overlays(study) if study.segmentation else "",
         "learning": _figures(study, "learning"),
         "sites": tables["sites"] + _figures(study, "sites"),
         "communication": tables["communication"],
@@ -208,11 +245,13 @@ def render_html(study: Study) -> str:
         "comparisons": tables["comparisons"],
     }
     body = "".join(
-        f'<section id="{key}"><h2>{title}</h2>{sections[key]}</section>' for key, title in SECTIONS
+        f'<section id="{key}"><h2>{title}</h2>{content[key]}</section>'
+        for key, title in sections(study)
     )
+    sources = "the overlay images" if study.segmentation else "predictions.csv"
     footer = (
         f"<footer>Generated by medfed {escape(study.meta.medfed_version)} from results.json and "
-        "predictions.csv in the study directory. This file is self-contained.</footer>"
+        f"{sources} in the study directory. This file is self-contained.</footer>"
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

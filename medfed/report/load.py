@@ -2,23 +2,33 @@
 
 The study writer and the report are written separately; a schema drift should fail here, loudly
 and naming the file and the field, rather than as a blank cell or a ``KeyError`` deep in a figure.
-Histories are the one soft input: a run that recorded none still deserves a report.
+Histories and segmentation overlays are the soft inputs: a run that recorded none still deserves
+a report.
+
+Two kinds of study share one layout (``meta.task``, missing in older files = classification):
+classification (AUC with DeLong CIs, operating-point metrics, ``predictions.csv``) and
+segmentation (pooled Dice/Jaccard/pixel accuracy with bootstrap CIs over images, Wilcoxon tests on
+per-image Dice, example overlays; no ``predictions.csv``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medfed.metrics.binary import Metric
+from medfed.report.fields import CI as CI
+from medfed.report.fields import RESULTS as RESULTS
+from medfed.report.fields import count, fail, get, interval, num, text, texts
+from medfed.report.rounds import RoundPoint as RoundPoint
+from medfed.report.rounds import read_history
 
 # The study writer owns the schema's names; the report reads them from there.
 from medfed.study.stats import LOCAL_PREFIX as LOCAL_PREFIX
@@ -26,16 +36,21 @@ from medfed.study.stats import SITE_PREFIX as SITE_PREFIX
 from medfed.study.stats import Split
 from medfed.types import Paradigm
 
-RESULTS = "results.json"
 PREDICTIONS = "predictions.csv"
 
+CLASSIFICATION = "classification"
+SEGMENTATION = "segmentation"
+TASKS = (CLASSIFICATION, SEGMENTATION)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 METRICS = ("auc", *(str(m) for m in Metric))
+SEG_METRICS = ("dice", "jaccard", "pixel_acc", "mean_image_dice")
+SEG_OPTIONAL = ("hd95",)
+"""Written only by studies that compute it; a missing key reads as undefined, not as an error."""
 INTERNAL = str(Split.INTERNAL)
 EXTERNAL = str(Split.EXTERNAL)
 CENTRALIZED = str(Paradigm.CENTRALIZED)
 FEDERATED = str(Paradigm.FEDERATED)
-
-CI = tuple[float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -46,7 +61,11 @@ class SplitMetrics:
     cis: Mapping[str, CI | None]
     threshold: float | None
     n: int
-    n_pos: int
+    """Cases (classification) or images (segmentation)."""
+    n_pos: int | None
+    """Malignant cases; ``None`` for segmentation."""
+    n_pixels: int | None = None
+    """Pixels scored (segmentation only)."""
 
     def value(self, metric: str) -> float | None:
         return self.values.get(metric)
@@ -61,15 +80,37 @@ EMPTY = SplitMetrics(values={}, cis={}, threshold=None, n=0, n_pos=0)
 
 @dataclass(frozen=True)
 class Comparison:
+    """A paired test of model ``a`` against ``b`` on the same cases of one split.
+
+    Classification: DeLong on AUC (``value_a``/``value_b`` are the AUCs, ``statistic`` is z).
+    Segmentation: Wilcoxon signed-rank on per-image Dice (``value_a``/``value_b`` are the mean
+    per-image Dice of each model over the ``n`` images).
+    """
+
     network: str
     split: str
     a: str
     b: str
-    auc_a: float | None
-    auc_b: float | None
+    value_a: float | None
+    value_b: float | None
     difference: float | None
-    z: float | None
+    statistic: float | None
     p_value: float | None
+    metric: str = "auc"
+    test: str = "delong"
+    n: int | None = None
+
+    @property
+    def auc_a(self) -> float | None:
+        return self.value_a
+
+    @property
+    def auc_b(self) -> float | None:
+        return self.value_b
+
+    @property
+    def z(self) -> float | None:
+        return self.statistic
 
 
 @dataclass(frozen=True)
@@ -114,10 +155,19 @@ class Meta:
     sites: tuple[str, ...]
     external_site: str | None
     budget: Budget
-    threshold_rule: str
+    threshold_rule: str | None
+    """Classification only: how the operating threshold was chosen."""
     bootstrap: Bootstrap
     communication: Mapping[str, Communication]
     histories: Mapping[str, Mapping[str, str]]
+    task: str = CLASSIFICATION
+    metrics: tuple[str, ...] = METRICS
+    overlays: Mapping[str, str] = field(default_factory=dict)
+    """Segmentation only: network -> PNG of example overlays, relative to the study directory."""
+
+    @property
+    def segmentation(self) -> bool:
+        return self.task == SEGMENTATION
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -138,11 +188,14 @@ class Curve:
 
 
 @dataclass(frozen=True)
-class RoundPoint:
-    round: int
-    val_auc: float | None
-    external_auc: float | None
-    train_loss: float | None
+class Overlay:
+    """A segmentation study's example-overlay image for one network, if it could be read."""
+
+    path: str | None
+    """As recorded in ``meta.overlays`` (relative to the study directory); ``None``: not recorded."""
+    png: bytes | None
+    problem: str = ""
+    """Why ``png`` is ``None``, in words for the placeholder that stands in for the image."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +207,18 @@ class Study:
     comparisons: tuple[Comparison, ...]
     timing: Mapping[str, Mapping[str, Timing]]
     predictions: Mapping[tuple[str, str, str], Curve]
+    """Classification only; empty for a segmentation study."""
     histories: Mapping[str, Mapping[str, tuple[RoundPoint, ...] | None]]
+    overlays: Mapping[str, Overlay] = field(default_factory=dict)
+
+    @property
+    def segmentation(self) -> bool:
+        return self.meta.segmentation
+
+    @property
+    def headline(self) -> str:
+        """The metric the study is judged by: pooled Dice for segmentation, AUC otherwise."""
+        return "dice" if self.segmentation else "auc"
 
     def metrics(self, network: str, paradigm: str, split: str) -> SplitMetrics:
         """Never raises: a model or split the study did not produce reads as all-undefined."""
@@ -170,120 +234,106 @@ class Study:
         return None
 
 
-def _fail(file: str, field: str, problem: str = "missing field") -> ValueError:
-    return ValueError(f"{file}: {problem} '{field}'")
-
-
-def _get(obj: Any, key: str, where: str) -> Any:
-    if not isinstance(obj, Mapping) or key not in obj:
-        raise _fail(RESULTS, f"{where}.{key}" if where else key)
-    return obj[key]
-
-
-def _num(obj: Any, key: str, where: str) -> float | None:
-    """A number or ``None``; NaN (allowed in the writer's JSON) is as undefined as null."""
-    v = _get(obj, key, where)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise _fail(RESULTS, f"{where}.{key}", "not a number:")
-    return None if math.isnan(v) else float(v)
-
-
-def _int(obj: Any, key: str, where: str) -> int:
-    v = _num(obj, key, where)
-    if v is None:
-        raise _fail(RESULTS, f"{where}.{key}", "null where a count is needed:")
-    return int(v)
-
-
-def _str(obj: Any, key: str, where: str) -> str:
-    v = _get(obj, key, where)
-    if not isinstance(v, str):
-        raise _fail(RESULTS, f"{where}.{key}", "not a string:")
-    return v
-
-
-def _strs(obj: Any, key: str, where: str) -> tuple[str, ...]:
-    v = _get(obj, key, where)
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise _fail(RESULTS, f"{where}.{key}", "not a list of strings:")
-    return tuple(v)
-
-
-def _ci(obj: Any, key: str, where: str) -> CI | None:
-    v = _get(obj, key, where)
-    if v is None:
-        return None
-    if not isinstance(v, list) or len(v) != 2:
-        raise _fail(RESULTS, f"{where}.{key}", "not a [low, high] pair:")
-    pair = {"lo": v[0], "hi": v[1]}
-    return (_num(pair, "lo", f"{where}.{key}"), _num(pair, "hi", f"{where}.{key}"))
-
-
-def _split_metrics(obj: Any, where: str) -> SplitMetrics:
+def _split_metrics(obj: Any, where: str, task: str) -> SplitMetrics:
+    if task == SEGMENTATION:
+        extra = [m for m in SEG_OPTIONAL if isinstance(obj, Mapping) and m in obj]
+        metrics = (*SEG_METRICS, *extra)
+        return SplitMetrics(
+            values={m: num(obj, m, where) for m in metrics},
+            cis={
+                m: interval(obj, f"{m}_ci", where) if m in SEG_METRICS or f"{m}_ci" in obj else None
+                for m in metrics
+            },
+            threshold=None,
+            n=count(obj, "n", where),
+            n_pos=None,
+            n_pixels=count(obj, "n_pixels", where),
+        )
     return SplitMetrics(
-        values={m: _num(obj, m, where) for m in METRICS},
-        cis={m: _ci(obj, f"{m}_ci", where) for m in METRICS},
-        threshold=_num(obj, "threshold", where),
-        n=_int(obj, "n", where),
-        n_pos=_int(obj, "n_pos", where),
+        values={m: num(obj, m, where) for m in METRICS},
+        cis={m: interval(obj, f"{m}_ci", where) for m in METRICS},
+        threshold=num(obj, "threshold", where),
+        n=count(obj, "n", where),
+        n_pos=count(obj, "n_pos", where),
     )
 
 
+def _task(m: Any) -> str:
+    task = m.get("task", CLASSIFICATION) if isinstance(m, Mapping) else CLASSIFICATION
+    if task not in TASKS:
+        raise fail(RESULTS, "meta.task", f"not one of {', '.join(TASKS)}:")
+    return str(task)
+
+
 def _meta(raw: Any) -> Meta:
-    m = _get(raw, "meta", "")
-    networks = _strs(m, "networks", "meta")
-    models = _get(m, "models", "meta")
-    budget = _get(m, "budget", "meta")
-    boot = _get(m, "bootstrap", "meta")
-    comm = _get(m, "communication", "meta")
-    hist = _get(m, "histories", "meta")
-    ext = _get(m, "external_site", "meta")
+    m = get(raw, "meta", "")
+    task = _task(m)
+    networks = texts(m, "networks", "meta")
+    models = get(m, "models", "meta")
+    budget = get(m, "budget", "meta")
+    boot = get(m, "bootstrap", "meta")
+    comm = get(m, "communication", "meta")
+    hist = get(m, "histories", "meta")
+    ext = get(m, "external_site", "meta")
     if ext is not None and not isinstance(ext, str):
-        raise _fail(RESULTS, "meta.external_site", "not a string or null:")
-    pooled_epochs = _num(budget, "pooled_epochs", "meta.budget")
+        raise fail(RESULTS, "meta.external_site", "not a string or null:")
+    pooled_epochs = num(budget, "pooled_epochs", "meta.budget")
+    seg = task == SEGMENTATION
     return Meta(
-        name=_str(m, "name", "meta"),
-        created=_str(m, "created", "meta"),
-        medfed_version=_str(m, "medfed_version", "meta"),
-        device=_str(m, "device", "meta"),
-        strategy=_str(m, "strategy", "meta"),
+        name=text(m, "name", "meta"),
+        created=text(m, "created", "meta"),
+        medfed_version=text(m, "medfed_version", "meta"),
+        device=text(m, "device", "meta"),
+        strategy=text(m, "strategy", "meta"),
         networks=networks,
-        models={n: _str(models, n, "meta.models") for n in networks},
-        paradigms=_strs(m, "paradigms", "meta"),
-        sites=_strs(m, "sites", "meta"),
+        models={n: text(models, n, "meta.models") for n in networks},
+        paradigms=texts(m, "paradigms", "meta"),
+        sites=texts(m, "sites", "meta"),
         external_site=ext,
         budget=Budget(
             pooled_epochs=pooled_epochs if pooled_epochs is not None else float("nan"),
-            rounds=_int(budget, "rounds", "meta.budget"),
-            train_images=_int(budget, "train_images", "meta.budget"),
+            rounds=count(budget, "rounds", "meta.budget"),
+            train_images=count(budget, "train_images", "meta.budget"),
         ),
-        threshold_rule=_str(m, "threshold_rule", "meta"),
+        threshold_rule=None if seg else text(m, "threshold_rule", "meta"),
         bootstrap=Bootstrap(
-            n_resamples=_int(boot, "n_resamples", "meta.bootstrap"),
-            level=_num(boot, "level", "meta.bootstrap") or float("nan"),
-            seed=_int(boot, "seed", "meta.bootstrap"),
+            n_resamples=count(boot, "n_resamples", "meta.bootstrap"),
+            level=num(boot, "level", "meta.bootstrap") or float("nan"),
+            seed=count(boot, "seed", "meta.bootstrap"),
         ),
         communication={
             n: Communication(
-                rounds=_int(c, "rounds", f"meta.communication.{n}"),
-                bytes_up=_int(c, "bytes_up", f"meta.communication.{n}"),
-                bytes_down=_int(c, "bytes_down", f"meta.communication.{n}"),
-                bytes_per_round=_num(c, "bytes_per_round", f"meta.communication.{n}"),
+                rounds=count(c, "rounds", f"meta.communication.{n}"),
+                bytes_up=count(c, "bytes_up", f"meta.communication.{n}"),
+                bytes_down=count(c, "bytes_down", f"meta.communication.{n}"),
+                bytes_per_round=num(c, "bytes_per_round", f"meta.communication.{n}"),
             )
             for n in networks
             if isinstance(comm, Mapping) and n in comm  # only networks with a federated run
             for c in [comm[n]]
         },
-        histories={n: _paths(_get(hist, n, "meta.histories"), n) for n in networks},
+        histories={
+            n: _paths(get(hist, n, "meta.histories"), f"meta.histories.{n}") for n in networks
+        },
+        task=task,
+        # Older classification files do not list their metrics; segmentation ones must.
+        metrics=texts(m, "metrics", "meta") if seg or "metrics" in m else METRICS,
+        overlays=_paths(m.get("overlays", {}), "meta.overlays") if seg else {},
     )
 
 
-def _paths(obj: Any, network: str) -> dict[str, str]:
+def _paths(obj: Any, where: str) -> dict[str, str]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, str) for v in obj.values()):
-        raise _fail(RESULTS, f"meta.histories.{network}", "not a mapping of paths:")
+        raise fail(RESULTS, where, "not a mapping of paths:")
     return dict(obj)
+
+
+def _inside(directory: Path, rel: str, where: str, what: str) -> Path:
+    """``directory / rel``, refusing a path that leads out of the study directory."""
+    path = (directory / rel).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise fail(RESULTS, where, f"{what} path outside the study directory:")
+    return path
 
 
 def _predictions(path: Path) -> dict[tuple[str, str, str], Curve]:
@@ -296,14 +346,14 @@ def _predictions(path: Path) -> dict[tuple[str, str, str], Curve]:
         reader = csv.DictReader(fh)
         for col in columns:
             if col not in (reader.fieldnames or ()):
-                raise _fail(PREDICTIONS, col, "missing column")
+                raise fail(PREDICTIONS, col, "missing column")
         for line, row in enumerate(reader, start=2):
             try:
                 label, score = int(row["label"]), float(row["score"])
             except (TypeError, ValueError):
-                raise _fail(PREDICTIONS, f"label/score on line {line}", "unreadable") from None
+                raise fail(PREDICTIONS, f"label/score on line {line}", "unreadable") from None
             if label not in (0, 1):
-                raise _fail(PREDICTIONS, f"label on line {line}", "label not 0/1:")
+                raise fail(PREDICTIONS, f"label on line {line}", "label not 0/1:")
             keys = [(row["network"], row["paradigm"], row["split"])]
             if row["split"] == INTERNAL:
                 keys.append((row["network"], row["paradigm"], SITE_PREFIX + row["site"]))
@@ -313,64 +363,53 @@ def _predictions(path: Path) -> dict[tuple[str, str, str], Curve]:
     return {k: Curve(np.asarray(ls, dtype=np.int8), np.asarray(ss)) for k, (ls, ss) in rows.items()}
 
 
-def _history(directory: Path, rel: str, where: str) -> tuple[RoundPoint, ...] | None:
-    root = directory.resolve()
-    path = (directory / rel).resolve()
-    if not path.is_relative_to(root):
-        raise _fail(RESULTS, where, "history path outside the study directory:")
+def _overlay(directory: Path, rel: str | None, where: str) -> Overlay:
+    if rel is None:
+        return Overlay(None, None, "no overlay image recorded in results.json")
+    path = _inside(directory, rel, where, "overlay")
     if not path.is_file():
-        return None
-    points: list[RoundPoint] = []
-    for text in path.read_text().splitlines():
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError:
-            continue  # a half-written last line from an interrupted run
-        sites = row.get("sites") or {}
-        losses = [(s.get("train_loss"), s.get("examples") or 0) for s in sites.values()]
-        losses = [(x, w) for x, w in losses if isinstance(x, int | float) and not math.isnan(x)]
-        weight = sum(w for _, w in losses)
-        loss = (
-            sum(x * w for x, w in losses) / weight
-            if weight
-            else (float(np.mean([x for x, _ in losses])) if losses else None)
+        return Overlay(rel, None, f"overlay image not found: {rel}")
+    png = path.read_bytes()
+    if not png.startswith(PNG_SIGNATURE) or len(png) < 24:
+        return Overlay(rel, None, f"overlay image is not a PNG file: {rel}")
+    return Overlay(rel, png)
+
+
+def _comparison(obj: Any, where: str, task: str) -> Comparison:
+    if task == SEGMENTATION:
+        return Comparison(
+            network=text(obj, "network", where),
+            split=text(obj, "split", where),
+            a=text(obj, "a", where),
+            b=text(obj, "b", where),
+            value_a=num(obj, "mean_a", where),
+            value_b=num(obj, "mean_b", where),
+            difference=num(obj, "difference", where),
+            statistic=num(obj, "statistic", where),
+            p_value=num(obj, "p_value", where),
+            metric=text(obj, "metric", where),
+            test=text(obj, "test", where),
+            n=count(obj, "n", where),
         )
-        points.append(
-            RoundPoint(
-                round=int(row.get("round", len(points))),
-                val_auc=_finite(row.get("val_auc")),
-                external_auc=_finite(row.get("external_auc")),
-                train_loss=loss,
-            )
-        )
-    return tuple(points) or None
-
-
-def _finite(v: Any) -> float | None:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
-    return float(v) if ok else None
-
-
-def _comparison(obj: Any, where: str) -> Comparison:
     return Comparison(
-        network=_str(obj, "network", where),
-        split=_str(obj, "split", where),
-        a=_str(obj, "a", where),
-        b=_str(obj, "b", where),
-        auc_a=_num(obj, "auc_a", where),
-        auc_b=_num(obj, "auc_b", where),
-        difference=_num(obj, "difference", where),
-        z=_num(obj, "z", where),
-        p_value=_num(obj, "p_value", where),
+        network=text(obj, "network", where),
+        split=text(obj, "split", where),
+        a=text(obj, "a", where),
+        b=text(obj, "b", where),
+        value_a=num(obj, "auc_a", where),
+        value_b=num(obj, "auc_b", where),
+        difference=num(obj, "difference", where),
+        statistic=num(obj, "z", where),
+        p_value=num(obj, "p_value", where),
     )
 
 
 def _timing(obj: Any, where: str) -> Timing:
-    images = _num(obj, "train_images", where)
+    images = num(obj, "train_images", where)
     return Timing(
-        seconds=_num(obj, "seconds", where),
+        seconds=num(obj, "seconds", where),
         train_images=None if images is None else int(images),
-        images_per_s=_num(obj, "images_per_s", where),
+        images_per_s=num(obj, "images_per_s", where),
     )
 
 
@@ -385,46 +424,58 @@ def load_study(directory: Path) -> Study:
     except json.JSONDecodeError as err:
         raise ValueError(f"{RESULTS}: not valid JSON ({err})") from None
     meta = _meta(raw)
+    task = meta.task
     # Internal validation is the one split every model has; the writer leaves out a split with
     # no cases (a site without validation data, an empty external set).
     optional = [s for s in meta.splits if s != INTERNAL] + [SITE_PREFIX + s for s in meta.sites]
     results = {
         n: {
             p: {
-                s: _split_metrics(_get(by_p, s, f"{n}.{p}"), f"{n}.{p}.{s}")
+                s: _split_metrics(get(by_p, s, f"{n}.{p}"), f"{n}.{p}.{s}", task)
                 for s in (INTERNAL, *optional)
                 if s == INTERNAL or (isinstance(by_p, Mapping) and s in by_p)
             }
             for p in meta.paradigms
-            for by_p in [_get(_get(raw, n, ""), p, n)]
+            for by_p in [get(get(raw, n, ""), p, n)]
         }
         for n in meta.networks
     }
+    comparisons_raw = get(raw, "comparisons", "")
+    if not isinstance(comparisons_raw, list):
+        raise fail(RESULTS, "comparisons", "not a list:")
     comparisons = tuple(
-        _comparison(c, f"comparisons[{i}]") for i, c in enumerate(_get(raw, "comparisons", ""))
+        _comparison(c, f"comparisons[{i}]", task) for i, c in enumerate(comparisons_raw)
     )
-    timing_raw = _get(raw, "timing", "")
+    timing_raw = get(raw, "timing", "")
     timing = {
         n: {
-            p: _timing(_get(_get(timing_raw, n, "timing"), p, f"timing.{n}"), f"timing.{n}.{p}")
+            p: _timing(get(get(timing_raw, n, "timing"), p, f"timing.{n}"), f"timing.{n}.{p}")
             for p in meta.paradigms
         }
         for n in meta.networks
     }
     histories = {
         n: {
-            p: _history(directory, rel, f"meta.histories.{n}.{p}")
+            p: read_history(_inside(directory, rel, f"meta.histories.{n}.{p}", "history"))
             for p, rel in meta.histories[n].items()
         }
         for n in meta.networks
     }
+    overlays = (
+        {n: _overlay(directory, meta.overlays.get(n), f"meta.overlays.{n}") for n in meta.networks}
+        if meta.segmentation
+        else {}
+    )
     return Study(
         directory=directory,
-        config_hash=str(_get(raw, "config_hash", "")),
+        config_hash=str(get(raw, "config_hash", "")),
         meta=meta,
         results=results,
         comparisons=comparisons,
         timing=timing,
-        predictions=_predictions(directory / PREDICTIONS),
+        # A segmentation study writes per-image counts to segmentation.csv instead; results.json
+        # already holds everything the report shows.
+        predictions={} if meta.segmentation else _predictions(directory / PREDICTIONS),
         histories=histories,
+        overlays=overlays,
     )

@@ -1,10 +1,13 @@
 """The study as GitHub Markdown: the same prose and tables as the HTML, without figures.
 
 Meant for a pull request, a wiki page or a diff between two studies, where a text file that
-changes line by line beats a page of images.
+changes line by line beats a page of images. A segmentation study's example overlays are already
+PNG files in the study directory, so they are linked by relative path rather than left out.
 """
 
 from __future__ import annotations
+
+from urllib.parse import quote
 
 from medfed.report.load import Study
 from medfed.report.tables import Table, all_tables
@@ -52,9 +55,28 @@ def render_table(table: Table) -> str:
     return "\n".join(lines)
 
 
+def _overlays(study: Study) -> list[str]:
+    out = ["## Example segmentations", ""]
+    for net in study.meta.networks:
+        overlay = study.overlays.get(net)
+        if overlay is not None and overlay.png is not None and overlay.path is not None:
+            out.append(f"![Example segmentations by {escape_md(net)}]({quote(overlay.path)})")
+        else:
+            problem = overlay.problem if overlay is not None else "no overlay image recorded"
+            out.append(f"_{escape_md(f'{net}: {problem}')}_")
+        out.append("")
+    out += [
+        "_Validation images from each site. Columns: image, ground truth, federated prediction, "
+        "centralized prediction._",
+        "",
+    ]
+    return out
+
+
 def render_markdown(study: Study) -> str:
     m = study.meta
     tables = all_tables(study)
+    keys = list(tables)
     meta = [
         ("Study", m.name),
         ("Date", fmt_date(m.created)),
@@ -66,6 +88,11 @@ def render_markdown(study: Study) -> str:
         ("Config hash", study.config_hash),
         ("medfed", m.medfed_version),
     ]
+    if study.segmentation:
+        meta.insert(1, ("Task", "Segmentation"))
+        figures = "Figures (learning curves, per-site Dice) are in `report.html`."
+    else:
+        figures = "Figures (ROC curves, learning curves, per-site AUC) are in `report.html`."
     out = [
         f"# Federated learning study report: {escape_md(m.name)}",
         "",
@@ -73,7 +100,7 @@ def render_markdown(study: Study) -> str:
         "",
         f"**Training budget.** {escape_md(budget_sentence(study))}",
         "",
-        "Figures (ROC curves, learning curves, per-site AUC) are in `report.html`.",
+        figures,
         "",
         "## What this means",
         "",
@@ -81,15 +108,17 @@ def render_markdown(study: Study) -> str:
     for name, text in narrative(study):
         out += [f"**{escape_md(name)}:** {escape_md(text)}", ""]
     out += [f"_{escape_md(method_note(study))}_", ""]
-    headings = (
-        ("Performance", ("study", "predictive")),
+    headings: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("Performance", tuple(keys[:2])),  # Tables 1 and 2, whatever the task calls them
         ("Per-site performance", ("sites",)),
         ("Communication", ("communication",)),
         ("Wall time", ("timing",)),
         ("Statistical comparisons", ("comparisons",)),
     )
-    for heading, keys in headings:
+    for heading, section in headings:
         out += [f"## {heading}", ""]
-        for key in keys:
+        for key in section:
             out += [render_table(tables[key]), ""]
+        if heading == "Performance" and study.segmentation:
+            out += _overlays(study)
     return "\n".join(out).rstrip() + "\n"

@@ -2,6 +2,9 @@
 
 Building each table once is what keeps the two reports from drifting apart: a row that exists
 in one exists in the other, with the same text. Cells hold unescaped text; the renderers escape.
+
+A segmentation study gets the same six tables in the same places, with Dice in the role of AUC
+and Wilcoxon tests on per-image Dice in the role of DeLong tests.
 """
 
 from __future__ import annotations
@@ -82,6 +85,10 @@ def _metric_cell(study: Study, network: str, paradigm: str, split: str, metric: 
     return Cell(fmt_metric(metric, m.value(metric)), fmt_ci(metric, m.ci(metric)))
 
 
+def _size(study: Study, n: int, n_pos: int | None) -> str:
+    return f"{n:,} images" if study.segmentation or n_pos is None else f"{n:,}, {n_pos:,} malignant"
+
+
 def _split_group(study: Study, split: str, span: int) -> Group:
     """The group header names n and positives when every model was scored on the same cases."""
     seen = {
@@ -95,7 +102,7 @@ def _split_group(study: Study, split: str, span: int) -> Group:
         label += f" ({study.meta.external_site})"
     if len(seen) == 1:
         n, n_pos = next(iter(seen))
-        label += f" · n = {n:,}, {n_pos:,} malignant"
+        label += f" · n = {_size(study, n, n_pos)}"
     return Group(label, "Internal" if split == INTERNAL else "External", span)
 
 
@@ -114,7 +121,9 @@ def _by_model(study: Study, *, key: str, title: str, metrics: tuple[str, ...], n
         for p in study.meta.paradigms
     )
     columns = tuple(
-        f"{METRIC_LABELS[m]} [95% CI]" if m in ("auc", "f1") else METRIC_LABELS[m]
+        f"{METRIC_LABELS[m]} [95% CI]"
+        if m in ("auc", "f1") or study.segmentation
+        else METRIC_LABELS[m]
         for _ in splits
         for m in metrics
     )
@@ -153,31 +162,79 @@ def predictive_table(study: Study) -> Table:
     )
 
 
+def segmentation_tables(study: Study) -> tuple[Table, Table]:
+    """Tables 1 and 2 of a segmentation study: pooled overlap, then per-image Dice (and HD95)."""
+    per_image: tuple[str, ...] = ("mean_image_dice",)
+    hd95 = any(
+        m.value("hd95") is not None
+        for by_p in study.results.values()
+        for by_split in by_p.values()
+        for m in by_split.values()
+    )
+    if hd95:
+        per_image += ("hd95",)
+    return _by_model(
+        study,
+        key="study",
+        title="Table 1. Segmentation overlap and pixel accuracy",
+        metrics=("dice", "jaccard", "pixel_acc"),
+        note=(
+            "Dice and Jaccard of the foreground class, pooled over every pixel of the split, "
+            "with 95% CI (bootstrap over images); pixel accuracy in %. Local (siteK): trained "
+            "on siteK's data alone."
+        ),
+    ), _by_model(
+        study,
+        key="per_image",
+        title="Table 2. Per-image Dice" + (" and boundary distance" if hd95 else ""),
+        metrics=per_image,
+        note=(
+            "Mean per-image Dice weighs every image equally, where pooled Dice weighs every pixel"
+            + (
+                "; HD95: 95th-percentile Hausdorff distance in pixels, lower is better."
+                if hd95
+                else "."
+            )
+        ),
+    )
+
+
 def site_table(study: Study) -> Table:
     """Per site: centralized, federated, and the model that site trained alone, on its own data."""
     nets = study.meta.networks
+    metric = study.headline
     rows = []
     for site in study.meta.sites:
         split = SITE_PREFIX + site
         first = study.metrics(nets[0], study.meta.paradigms[0], split)
-        size = f"{first.n:,} ({first.n_pos:,})" if first.n else DASH
+        if not first.n:
+            size = DASH
+        elif study.segmentation:
+            size = f"{first.n:,}"
+        else:
+            size = f"{first.n:,} ({first.n_pos or 0:,})"
         cells = [Cell(site), Cell(size)]
         for net in nets:
             for p in (CENTRALIZED, FEDERATED, LOCAL_PREFIX + site):
                 if p in study.meta.paradigms:
-                    cells.append(_metric_cell(study, net, p, split, "auc"))
+                    cells.append(_metric_cell(study, net, p, split, metric))
                 else:
                     cells.append(Cell(DASH))
         rows.append(Row(tuple(cells)))
     per_net = ("Centralized", "Federated", "Local (own site)")
+    label = METRIC_LABELS[metric]
     return Table(
         key="sites",
-        title="Table 3. AUC on each site's own validation split",
-        columns=("Site", "n (malignant)", *(c for _ in nets for c in per_net)),
+        title=f"Table 3. {label} on each site's own validation split",
+        columns=(
+            "Site",
+            "n (images)" if study.segmentation else "n (malignant)",
+            *(c for _ in nets for c in per_net),
+        ),
         rows=tuple(rows),
         groups=tuple(Group(net, net, len(per_net)) for net in nets),
         lead=2,
-        note="AUC [95% CI]. Local (own site): the model trained at that site alone.",
+        note=f"{label} [95% CI]. Local (own site): the model trained at that site alone.",
     )
 
 
@@ -273,8 +330,52 @@ def timing_table(study: Study) -> Table:
     )
 
 
+def _wilcoxon_table(study: Study, order: dict[str, int]) -> Table:
+    rows = tuple(
+        Row(
+            (
+                Cell(c.network),
+                Cell(split_label(c.split)),
+                Cell(f"{paradigm_label(c.a)} vs {paradigm_label(c.b)}"),
+                Cell(fmt_int(c.n)),
+                Cell(fmt_score(c.value_a)),
+                Cell(fmt_score(c.value_b)),
+                Cell(fmt_diff(c.difference)),
+                Cell(fmt_p(c.p_value)),
+                Cell(verdict(c.difference, c.p_value)),
+            )
+        )
+        for c in sorted(study.comparisons, key=lambda c: order.get(c.network, len(order)))
+    )
+    return Table(
+        key="comparisons",
+        title="Table 6. Wilcoxon signed-rank tests on per-image Dice",
+        columns=(
+            "Network",
+            "Split",
+            "A vs B",
+            "Images",
+            "Mean Dice A",
+            "Mean Dice B",
+            "Difference",
+            "p",
+            "Result",
+        ),
+        rows=rows,
+        lead=1,
+        merge_lead=True,
+        text_columns=(1, 2, 8),
+        note=(
+            "Mean per-image Dice of each model on the same images; Difference = A − B; "
+            "two-sided, significant at α = 0.05."
+        ),
+    )
+
+
 def comparison_table(study: Study) -> Table:
     order = {n: i for i, n in enumerate(study.meta.networks)}
+    if study.segmentation:
+        return _wilcoxon_table(study, order)
     rows = tuple(
         Row(
             (
@@ -303,9 +404,14 @@ def comparison_table(study: Study) -> Table:
 
 
 def all_tables(study: Study) -> dict[str, Table]:
+    """Keyed by ``Table.key``, in report order; the first two keys are the performance tables."""
+    performance = (
+        segmentation_tables(study)
+        if study.segmentation
+        else (study_table(study), predictive_table(study))
+    )
     tables = (
-        study_table(study),
-        predictive_table(study),
+        *performance,
         site_table(study),
         communication_table(study),
         timing_table(study),

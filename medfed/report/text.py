@@ -2,7 +2,8 @@
 
 One formatter for both outputs so a number a clinician reads in the HTML is, character for
 character, the number in the Markdown. Proportions are percentages with one decimal; scores (AUC,
-F1) keep three decimals, which is where the differences the study is about live.
+F1, Dice, Jaccard) keep three decimals, which is where the differences the study is about live;
+distances (HD95, in pixels) keep one.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from medfed.report.load import (
 
 DASH = "—"
 ALPHA = 0.05
-"""Significance level for every DeLong test the report words as (not) significant."""
+"""Significance level for every test (DeLong, Wilcoxon) the report words as (not) significant."""
 EQUIVALENCE_MARGIN = 0.03
-"""|federated − centralized| AUC the project treats as clinically negligible."""
-SCORES = frozenset({"auc", "f1"})
+"""|federated − centralized| AUC (or Dice) the project treats as clinically negligible."""
+SCORES = frozenset({"auc", "f1", "dice", "jaccard", "mean_image_dice"})
+DISTANCES = frozenset({"hd95"})
 METRIC_LABELS = {
     "auc": "AUC",
     "accuracy": "Accuracy",
@@ -35,6 +37,11 @@ METRIC_LABELS = {
     "ppv": "PPV",
     "npv": "NPV",
     "f1": "F1",
+    "dice": "Dice",
+    "jaccard": "Jaccard",
+    "pixel_acc": "Pixel accuracy",
+    "mean_image_dice": "Mean per-image Dice",
+    "hd95": "HD95 (px)",
 }
 
 
@@ -51,6 +58,8 @@ def fmt_pct(x: float | None) -> str:
 
 
 def fmt_metric(metric: str, x: float | None) -> str:
+    if metric in DISTANCES:
+        return DASH if x is None or math.isnan(x) else f"{x:.1f}"
     return fmt_score(x) if metric in SCORES else fmt_pct(x)
 
 
@@ -62,6 +71,8 @@ def fmt_ci(metric: str, ci: CI | None) -> str:
     assert lo is not None and hi is not None
     if metric in SCORES:
         return f"[{lo:.3f}–{hi:.3f}]"
+    if metric in DISTANCES:
+        return f"[{lo:.1f}–{hi:.1f}]"
     return f"[{100 * lo:.1f}–{100 * hi:.1f}]"
 
 
@@ -129,10 +140,10 @@ def within_margin(difference: float | None) -> bool | None:
     return round(abs(difference), 12) <= EQUIVALENCE_MARGIN
 
 
-def _auc_ci(study: Study, network: str, paradigm: str, split: str) -> str:
+def _headline_ci(study: Study, network: str, paradigm: str, split: str) -> str:
     m = study.metrics(network, paradigm, split)
-    ci = fmt_ci("auc", m.ci("auc"))
-    return f"{fmt_score(m.value('auc'))} {ci}".rstrip()
+    ci = fmt_ci(study.headline, m.ci(study.headline))
+    return f"{fmt_score(m.value(study.headline))} {ci}".rstrip()
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -143,8 +154,8 @@ def _mean(xs: list[float | None]) -> float | None:
 def _versus_locals(study: Study, network: str, split: str) -> str:
     """Federated vs the average site-alone model, then how many locals it significantly beats."""
     locals_ = study.meta.locals
-    fed = study.metrics(network, FEDERATED, split).value("auc")
-    mean_local = _mean([study.metrics(network, p, split).value("auc") for p in locals_])
+    fed = study.metrics(network, FEDERATED, split).value(study.headline)
+    mean_local = _mean([study.metrics(network, p, split).value(study.headline) for p in locals_])
     if fed is None or mean_local is None:
         return ""
     a, b = round(fed, 3), round(mean_local, 3)  # compare what the reader sees
@@ -174,8 +185,8 @@ def _own_sites(study: Study, network: str) -> str:
         if local not in study.meta.paradigms:
             continue
         split = SITE_PREFIX + site
-        fed = study.metrics(network, FEDERATED, split).value("auc")
-        own = study.metrics(network, local, split).value("auc")
+        fed = study.metrics(network, FEDERATED, split).value(study.headline)
+        own = study.metrics(network, local, split).value(study.headline)
         if fed is None or own is None:
             continue
         compared += 1
@@ -185,16 +196,20 @@ def _own_sites(study: Study, network: str) -> str:
         return ""
     tied = f" (tied at {ties})" if ties else ""
     return (
-        f"On each site's own validation split, the federated model has a higher AUC than that "
-        f"site's local model at {wins} of {compared} sites{tied}."
+        f"On each site's own validation split, the federated model has a higher "
+        f"{METRIC_LABELS[study.headline]} than that site's local model at {wins} of {compared} "
+        f"sites{tied}."
     )
 
 
-def _margin_sentence(margins: list[tuple[bool, str]]) -> str:
+def _margin_sentence(margins: list[tuple[bool, str]], metric: str) -> str:
     """Whether the point difference sits within the equivalence margin, split by split."""
     word = {True: "within", False: "outside"}
     first_in, first_where = margins[0]
-    text = f"The federated model is {word[first_in]} {EQUIVALENCE_MARGIN:.2f} AUC of centralized"
+    text = (
+        f"The federated model is {word[first_in]} {EQUIVALENCE_MARGIN:.2f} "
+        f"{METRIC_LABELS[metric]} of centralized"
+    )
     if len(margins) == 1:
         return f"{text} {first_where}."
     if all(inside == first_in for inside, _ in margins):
@@ -213,24 +228,27 @@ def fmt_date(created: str) -> str:
 def _versus_central(study: Study, net: str) -> list[str]:
     """Federated vs centralized per pooled split, then the equivalence-margin sentence."""
     parts, margins = [], []
+    # The Wilcoxon test compares mean per-image Dice, not the pooled Dice quoted before it: say so,
+    # or a reader subtracting the two quoted numbers finds a different difference.
+    difference = "difference in mean per-image Dice" if study.segmentation else "difference"
     for split in study.meta.splits:
         c = study.comparison(net, split, FEDERATED, CENTRALIZED)
         diff = c.difference if c is not None else None
         p = c.p_value if c is not None else None
-        fed = _auc_ci(study, net, FEDERATED, split)
-        cen = _auc_ci(study, net, CENTRALIZED, split)
+        fed = _headline_ci(study, net, FEDERATED, split)
+        cen = _headline_ci(study, net, CENTRALIZED, split)
         if split == INTERNAL:
             where = "on internal validation"
-            lead = f"Federated AUC {fed} vs centralized {cen} {where}"
+            lead = f"Federated {METRIC_LABELS[study.headline]} {fed} vs centralized {cen} {where}"
         else:
             where = f"on the external site ({study.meta.external_site})"
             lead = f"On the external site ({study.meta.external_site}): {fed} vs {cen}"
-        parts.append(f"{lead} (difference {fmt_diff(diff)}): {verdict(diff, p)} ({p_phrase(p)}).")
+        parts.append(f"{lead} ({difference} {fmt_diff(diff)}): {verdict(diff, p)} ({p_phrase(p)}).")
         inside = within_margin(diff)
         if inside is not None:
             margins.append((inside, where))
     if margins:
-        parts.append(_margin_sentence(margins))
+        parts.append(_margin_sentence(margins, study.headline))
     return parts
 
 
@@ -256,6 +274,16 @@ def method_note(study: Study) -> str:
     """The caveats a reader needs before trusting any number below."""
     m = study.meta
     boot = m.bootstrap
+    if study.segmentation:
+        return (
+            f"Dice and Jaccard are pooled over every pixel of a split (foreground class); "
+            f"differences are federated minus centralized mean per-image Dice, with p-values from "
+            f"the Wilcoxon signed-rank test on per-image Dice paired on the same images (two-sided, "
+            f"α = {ALPHA:g}). “Within {EQUIVALENCE_MARGIN:.2f} Dice” compares that difference with "
+            f"the project's equivalence margin; it is not a formal equivalence test. Intervals are "
+            f"{boot.level:.0%} percentile bootstrap intervals over images ({boot.n_resamples:,} "
+            f"resamples, seed {boot.seed})."
+        )
     return (
         f"Differences are federated minus centralized AUC; p-values are from DeLong's test for "
         f"correlated ROC curves (two-sided, α = {ALPHA:g}). “Within {EQUIVALENCE_MARGIN:.2f} AUC” "

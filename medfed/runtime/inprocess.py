@@ -18,7 +18,7 @@ from medfed.client.train import TrainOptions
 from medfed.config import FaultConfig, FaultKind
 from medfed.data.site import ArrayDataset
 from medfed.seeding import derive_seed, torch_generator
-from medfed.types import Buffers, ClientState, ParamKind, Params, Update
+from medfed.types import Buffers, ClientState, ParamKind, Params, Task, Update
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,10 @@ class InProcessRuntime:
         device: torch.device,
         seed: int,
         faults: Sequence[FaultConfig] = (),
+        task: Task = Task.CLASSIFICATION,
     ) -> None:
         self.model = model.to(device)
+        self.task = task
         self.algorithm = algorithm
         self.device = device
         # GPU-resident data when on a GPU: one host->device copy per run, not per round.
@@ -138,6 +140,7 @@ class InProcessRuntime:
                 global_params=global_params,
                 payload=payload,
                 client_state=self.client_states.get(site, {}),
+                kind=self.task,
             )
             try:
                 if fault is not None and fault.kind is FaultKind.RAISE:

@@ -28,10 +28,11 @@ from medfed.config import (
     RunConfig,
     ValidationConfig,
     _Section,
+    check_model_task,
     read_yaml,
     validate_tree,
 )
-from medfed.types import Paradigm
+from medfed.types import Paradigm, Task
 
 # Top-level keys of results.json besides the networks; a network may not be called like these.
 RESERVED_KEYS = frozenset({"comparisons", "timing", "config_hash", "meta"})
@@ -81,11 +82,16 @@ class StatsConfig(_Section):
     bootstrap_resamples: int = Field(1000, ge=50)
     level: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of every interval")
     seed: int = 0
+    hd95: bool = Field(False, description="segmentation: also report the 95% Hausdorff distance")
+    overlays_per_site: int = Field(
+        2, ge=1, le=8, description="segmentation: example overlays per site in the report"
+    )
 
 
 class StudyConfig(_Section):
     name: str = "study"
     seed: int = 0
+    task: Task = Task.CLASSIFICATION
     device: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     networks: list[NetworkSpec] = Field(min_length=1)
@@ -111,6 +117,11 @@ class StudyConfig(_Section):
         slugs = [n.slug for n in self.networks]
         if len(set(labels)) != len(labels) or len(set(slugs)) != len(slugs):
             raise ValueError(f"network labels must be unique (also as folder names): {labels}")
+        for net in self.networks:
+            try:
+                check_model_task(net.model, self.task)
+            except ValueError as err:
+                raise ValueError(f"network {net.label!r}: {err}") from None
         if len(set(self.paradigms)) != len(self.paradigms):
             raise ValueError(f"paradigms listed twice: {[str(p) for p in self.paradigms]}")
         return self
@@ -127,6 +138,7 @@ class StudyConfig(_Section):
         return RunConfig(
             name=f"{self.name}-{network.slug}-{paradigm}",
             seed=self.seed,
+            task=self.task,
             paradigm=paradigm,
             device=self.device,
             data=self.data,

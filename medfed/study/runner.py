@@ -26,18 +26,20 @@ from torch import nn
 from medfed.algorithms import STRATEGIES, FederationContext
 from medfed.algorithms.base import load_params
 from medfed.checkpoint import load_latest
-from medfed.client.train import predict_proba, resolve_device
+from medfed.client.train import predict_masks, predict_proba, resolve_device
 from medfed.config import RunConfig, config_hash
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.engine import build_model, load_federation
 from medfed.engine import run as run_engine
 from medfed.history import History
+from medfed.study import segmentation as seg
 from medfed.study.config import (
     DERIVED_TRAIN_OPTIONS,
     NetworkSpec,
     StudyConfig,
     load_study_config,
 )
+from medfed.study.overlays import Example, pick_examples, write_overlays
 from medfed.study.stats import (
     ModelKey,
     Split,
@@ -46,7 +48,7 @@ from medfed.study.stats import (
     study_results,
     write_predictions,
 )
-from medfed.types import Paradigm, Params
+from medfed.types import Paradigm, Params, Task
 
 THRESHOLD_RULE = (
     "Youden's J on the pooled internal validation split, applied unchanged to every other split"
@@ -142,6 +144,105 @@ def _case_ids(site: Site, data: ArrayDataset) -> tuple[str, ...]:
     return data.case_ids or tuple(f"{site.name}-{i:05d}" for i in range(len(data)))
 
 
+def _score_segmentation(
+    model: nn.Module,
+    trained: _Trained,
+    fed: Federation,
+    config: RunConfig,
+    device: torch.device,
+    *,
+    hd95: bool,
+) -> dict[Split, seg.SegScores]:
+    """Per-image confusion counts (and HD95) of every validation image; masks never kept."""
+    from medfed.metrics.segmentation import confusion_counts
+    from medfed.metrics.segmentation import hd95 as hd95_of
+
+    num_classes = fed.num_outputs(Task.SEGMENTATION)
+
+    def scores(site: Site, params: Params) -> seg.SegScores:
+        load_params(model, params, device)
+        pred = _masks(model, site.val, config, device)
+        truth = site.val.masks
+        assert truth is not None  # Federation.check_task ran before training
+        return seg.SegScores(
+            sites=(site.name,) * len(site.val),
+            case_ids=_case_ids(site, site.val),
+            counts=confusion_counts(pred, truth.cpu(), num_classes=num_classes).numpy(),
+            hd95=np.asarray(hd95_of(pred > 0, truth.cpu() > 0), dtype=np.float64) if hd95 else None,
+        )
+
+    parts = [scores(s, trained.for_site(s.name)) for s in fed.sites if len(s.val)]
+    out = {
+        Split.INTERNAL: seg.SegScores(
+            sites=tuple(x for p in parts for x in p.sites),
+            case_ids=tuple(x for p in parts for x in p.case_ids),
+            counts=np.concatenate([p.counts for p in parts]),
+            hd95=np.concatenate([p.hd95 for p in parts if p.hd95 is not None]) if hd95 else None,
+        )
+    }
+    if fed.external is not None and len(fed.external.val):
+        out[Split.EXTERNAL] = scores(fed.external, trained.global_params)
+    return out
+
+
+def _masks(
+    model: nn.Module, data: ArrayDataset, config: RunConfig, device: torch.device
+) -> torch.Tensor:
+    return predict_masks(
+        model,
+        data,
+        device=device,
+        batch_size=config.train.eval_batch_size,
+        normalize=config.train.normalize,
+    )
+
+
+def _overlays(
+    out_dir: Path,
+    network: NetworkSpec,
+    models: dict[str, _Trained],
+    model: nn.Module,
+    fed: Federation,
+    config: RunConfig,
+    device: torch.device,
+    *,
+    per_site: int,
+) -> str | None:
+    """The overlay figure of ``network``; ``None`` unless both federated and centralized ran."""
+    keys = {"federated": str(Paradigm.FEDERATED), "centralized": str(Paradigm.CENTRALIZED)}
+    if not all(k in models for k in keys.values()):
+        return None
+    examples = []
+    for site in (*fed.sites, *([fed.external] if fed.external is not None else [])):
+        assert site.val.masks is not None
+        idx = pick_examples(site.val.masks.cpu(), per_site=per_site)
+        if not idx:
+            continue
+        chosen = site.val.subset(idx)
+        assert chosen.masks is not None  # Federation.check_task ran before training
+        predicted = {}
+        for title, key in keys.items():
+            trained = models[key]
+            internal = site.name in fed.names
+            load_params(model, trained.for_site(site.name) if internal else trained.global_params,
+                        device)  # fmt: skip
+            predicted[title] = _masks(model, chosen, config, device).numpy()
+        ids = _case_ids(site, site.val)
+        for j, i in enumerate(idx):
+            examples.append(
+                Example(
+                    site=site.name,
+                    case_id=ids[i],
+                    image=chosen.images[j].cpu().numpy(),
+                    truth=chosen.masks[j].cpu().numpy(),
+                    predicted={t: m[j] for t, m in predicted.items()},
+                )
+            )
+    rel = f"overlays/{network.slug}.png"
+    write_overlays(out_dir / rel, examples, title=f"{network.label}: validation examples")
+    return rel
+
+
 def _score(
     model: nn.Module, trained: _Trained, fed: Federation, config: RunConfig, device: torch.device
 ) -> dict[Split, SplitScores]:
@@ -233,14 +334,27 @@ def run_study(
         if data_report is not None:
             (out_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
     fed = federation
-    if fed.num_classes > 2:
+    segmenting = config.task is Task.SEGMENTATION
+    if segmenting:
+        try:
+            fed.check_task(config.task)
+        except ValueError as err:
+            raise StudyError(str(err)) from None
+    elif fed.num_classes > 2:
         raise StudyError(
             f"a study compares binary classifiers (ROC, sensitivity, ...); the federation has "
             f"{fed.num_classes} classes"
         )
     device = resolve_device(config.device)
     site_names = fed.names
-    predictions: dict[ModelKey, dict[Split, SplitScores]] = {}
+    predictions: dict[ModelKey, dict[Split, Any]] = {}
+    overlays: dict[str, str] = {}
+
+    def score(model: nn.Module, trained: _Trained, run_cfg: RunConfig) -> dict[Split, Any]:
+        if segmenting:
+            return _score_segmentation(model, trained, fed, run_cfg, device, hd95=config.stats.hd95)
+        return _score(model, trained, fed, run_cfg, device)
+
     timing: dict[str, dict[str, dict[str, float]]] = {}
     communication: dict[str, dict[str, float]] = {}
     histories: dict[str, dict[str, str]] = {}
@@ -249,6 +363,7 @@ def run_study(
     t0 = time.perf_counter()
     for net in config.networks:
         model: nn.Module | None = None
+        models: dict[str, _Trained] = {}
         timing[net.label], histories[net.label] = {}, {}
         for paradigm in config.paradigms:
             step += 1
@@ -266,7 +381,7 @@ def run_study(
                     site_dir = run_dir / "local" / site
                     key = local_key(site)
                     trained = _trained(run_cfg, site_dir, model, (site,))
-                    predictions[(net.label, key)] = _score(model, trained, fed, run_cfg, device)
+                    predictions[(net.label, key)] = score(model, trained, run_cfg)
                     timing[net.label][key] = _timing(site_dir)
                     histories[net.label][key] = str(
                         (site_dir / "history.jsonl").relative_to(out_dir)
@@ -275,21 +390,39 @@ def run_study(
             train_sites = tuple(site_names) if paradigm is Paradigm.FEDERATED else ("pooled",)
             trained = _trained(run_cfg, run_dir, model, train_sites)
             key = str(paradigm)
-            predictions[(net.label, key)] = _score(model, trained, fed, run_cfg, device)
+            models[key] = trained
+            predictions[(net.label, key)] = score(model, trained, run_cfg)
             timing[net.label][key] = _timing(run_dir)
             histories[net.label][key] = str((run_dir / "history.jsonl").relative_to(out_dir))
             if paradigm is Paradigm.FEDERATED:
                 communication[net.label] = _communication(run_dir)
-    console.print("[bold]Statistics[/]: DeLong AUC CIs and tests, stratified bootstrap CIs")
+        if segmenting and model is not None:
+            rel = _overlays(
+                out_dir,
+                net,
+                models,
+                model,
+                fed,
+                config.run_config(net, Paradigm.FEDERATED),
+                device,
+                per_site=config.stats.overlays_per_site,
+            )
+            if rel is not None:
+                overlays[net.label] = rel
     labels = [n.label for n in config.networks]
-    results, comps = study_results(
-        predictions,
+    stats_args: dict[str, Any] = dict(
         networks=labels,
         site_names=site_names,
         resamples=config.stats.bootstrap_resamples,
         level=config.stats.level,
         seed=config.stats.seed,
     )
+    if segmenting:
+        console.print("[bold]Statistics[/]: bootstrap CIs over images, Wilcoxon signed-rank tests")
+        results, comps = seg.study_results(predictions, **stats_args)
+    else:
+        console.print("[bold]Statistics[/]: DeLong AUC CIs and tests, stratified bootstrap CIs")
+        results, comps = study_results(predictions, **stats_args)
     paradigm_keys = [
         k
         for p in config.paradigms
@@ -315,7 +448,7 @@ def run_study(
                 "rounds": config.federation.rounds,
                 "train_images": sum(len(s.train) for s in fed.sites),
             },
-            "threshold_rule": THRESHOLD_RULE,
+            "task": str(config.task),
             "bootstrap": {
                 "n_resamples": config.stats.bootstrap_resamples,
                 "level": config.stats.level,
@@ -327,7 +460,12 @@ def run_study(
         },
         **results,
     }
-    write_predictions(out_dir / "predictions.csv", predictions)
+    if segmenting:
+        doc["meta"] |= {"metrics": list(seg.METRICS), "overlays": overlays}
+        seg.write_counts(out_dir / "segmentation.csv", predictions)
+    else:
+        doc["meta"]["threshold_rule"] = THRESHOLD_RULE
+        write_predictions(out_dir / "predictions.csv", predictions)
     (out_dir / "results.json").write_text(json.dumps(doc, indent=2, allow_nan=False))
     html = md = None
     if report:

@@ -294,3 +294,27 @@ def written_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 @pytest.fixture
 def edit() -> Callable[[Path, Callable[[dict[str, Any]], None]], None]:
     return edit_results
+
+
+@pytest.fixture
+def seg_study_factory(tmp_path: Path) -> StudyFactory:
+    """Fake segmentation studies (see ``segmentation_fixture``), one directory per call."""
+    from tests.report.segmentation_fixture import make_segmentation_study
+
+    counter = iter(range(1000))
+
+    def build(**options: Any) -> Path:
+        return make_segmentation_study(tmp_path / f"seg{next(counter)}", **options)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def seg_written_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """One default segmentation study with its report, shared by the tests that only read it."""
+    from medfed.report import write_report
+    from tests.report.segmentation_fixture import make_segmentation_study
+
+    directory = make_segmentation_study(tmp_path_factory.mktemp("seg-report") / "study")
+    html_path, md_path = write_report(directory)
+    return directory, html_path, md_path

@@ -97,10 +97,12 @@ def _run(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedProces
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("report", ["written_report", "seg_written_report"])
 def test_report_renders_in_chromium(
-    chromium: str, written_report: tuple[Path, Path, Path], tmp_path: Path
+    chromium: str, report: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    html_path = written_report[1]
+    """Classification and segmentation reports alike (the latter with its overlay images)."""
+    html_path = request.getfixturevalue(report)[1]
     html_text = html_path.read_text()
 
     # (a) A screenshot exists and is not a blank page.
@@ -134,7 +136,8 @@ def test_report_renders_in_chromium(
     probe = json.loads(unescape(match.group(1)))
 
     n_img = html_text.count("<img ")
-    assert len(probe["images"]) == n_img >= 3 * 2  # ROC, learning, per-site per network
+    # ROC (or overlays), learning, per-site per network
+    assert len(probe["images"]) == n_img >= 3 * 2
     assert all(w > 0 for w in probe["images"]), probe["images"]
     assert all(probe["complete"])
     assert probe["tables"] == html_text.count("<table") >= 6

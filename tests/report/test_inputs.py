@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from medfed.report import load_study, write_report
+from medfed.report.rounds import read_history
 from medfed.report.tables import all_tables
 from medfed.report.text import narrative
 
@@ -118,3 +120,58 @@ def test_split_without_cases_reads_as_undefined(study_factory: Any, edit: Edit) 
     row = all_tables(load_study(directory))["sites"].rows[1]
     assert [c.text for c in row.cells[5:]] == ["—", "—", "—"]
     assert row.cells[2].text != "—"  # SmallCNN still has its site2 results
+
+
+def test_history_reader_accepts_old_new_and_segmentation_rows(tmp_path: Path) -> None:
+    old = {
+        "round": 0,
+        "sites": {
+            "a": {"train_loss": 0.5, "examples": 30},
+            "b": {"train_loss": 0.8, "examples": 10},
+        },
+        "val_auc": 0.61,
+        "val_acc": 0.55,
+        "external_auc": None,
+    }
+    new = {
+        "round": 1,
+        "val": {"auc": 0.72, "acc": 0.66},
+        "external": {"auc": 0.69, "acc": 0.6},
+        "val_auc": 0.72,
+        "val_acc": 0.66,
+        "external_auc": 0.69,
+    }
+    seg = {
+        "round": 2,
+        "val": {"dice": 0.81, "jaccard": 0.68, "pixel_acc": 0.97, "mean_image_dice": 0.79},
+        "external": None,
+        "site_val": {"a": {"dice": 0.8, "jaccard": 0.67, "pixel_acc": 0.97, "n": 5}},
+        "val_auc": None,
+        "external_auc": None,
+    }
+    path = tmp_path / "history.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (old, new, seg)) + '{"round": 3, "va')
+    points = read_history(path)
+    assert points is not None and [p.round for p in points] == [0, 1, 2]
+    first, second, third = points
+    assert first.val == {"auc": 0.61, "acc": 0.55} and first.external == {}
+    assert first.train_loss == pytest.approx((0.5 * 30 + 0.8 * 10) / 40)
+    assert (first.val_auc, first.external_auc) == (0.61, None)
+    assert second.score("val", "auc") == 0.72 and second.score("external", "acc") == 0.6
+    assert third.score("val", "dice") == 0.81 and third.score("external", "dice") is None
+    assert third.val_auc is None and third.train_loss is None
+    assert read_history(tmp_path / "absent.jsonl") is None
+
+
+def test_new_history_rows_draw_the_same_learning_curves(study_factory: Any) -> None:
+    """A classification history with ``val``/``external`` dicts reads exactly like the old one."""
+    directory = study_factory()
+    before = write_report(directory)[0].read_text()
+    for path in (directory / "runs").rglob("history.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            row["val"] = {"auc": row.pop("val_auc"), "acc": row.pop("val_acc")}
+            ext = row.pop("external_auc"), row.pop("external_acc")
+            row["external"] = None if ext[0] is None else {"auc": ext[0], "acc": ext[1]}
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_report(directory)[0].read_text() == before

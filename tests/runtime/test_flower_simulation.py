@@ -97,3 +97,20 @@ def test_failing_and_poisoned_sites_are_rejected_the_same_way(tmp_path):
     ours = load_file(str(tmp_path / "flower" / "final.safetensors"))
     for k, v in ref.final_params.items():
         assert (ours[k].double() - v.double()).abs().max().item() <= 1e-6, k
+
+
+def test_segmentation_matches_and_pools_counts_not_masks(tmp_path):
+    """Federated segmentation over Flower: the same weights, and pooled Dice from the sites'
+    summed confusion counts equal to the simulator's Dice over every validation pixel."""
+    config = _config(tmp_path, "fedavg", "task=segmentation", "model.name=medfed:smallunet")
+    _, ref = _both(tmp_path, config)
+    ours = load_file(str(tmp_path / "flower" / "final.safetensors"))
+    for k, v in ref.final_params.items():
+        assert (ours[k].double() - v.double()).abs().max().item() <= 1e-6, k
+    rows = [json.loads(x) for x in (tmp_path / "flower" / "history.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, ref.history, strict=True):
+        assert a["val_auc"] is None
+        for key in ("dice", "jaccard", "pixel_acc", "mean_image_dice"):
+            assert a["val"][key] == pytest.approx(b["val"][key], abs=1e-9), key
+        for site, m in b["site_val"].items():
+            assert a["site_val"][site]["dice"] == pytest.approx(m["dice"], abs=1e-9)

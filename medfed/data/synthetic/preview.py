@@ -1,7 +1,9 @@
-"""A picture of a federation: one row per site, a few benign and malignant cases each.
+"""A picture of a federation: one row per site, a few negative and positive cases each.
 
 Why: synthetic data is only useful if it looks like what it pretends to be, and the fastest check
-of site effects (probe footprint, gain, grain, burned-in text) and of the nodule masks is to look.
+of site effects (probe footprint, gain, grain, burned-in text, stain colour, blur) and of the
+segmentation masks is to look. Grey-scale (C = 1) images are shown in grey, RGB (C = 3) ones in
+colour; when the data has masks, their outlines are drawn on top.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def _site_data(site: Site) -> ArrayDataset:
 
 
 def _pick(labels: np.ndarray, k: int) -> list[int]:
-    """Alternate benign / malignant examples (first ones of each class: deterministic)."""
+    """Alternate negative / positive examples (first ones of each class: deterministic)."""
     ben, mal = list(np.flatnonzero(labels == 0)), list(np.flatnonzero(labels == 1))
     out: list[int] = []
     while len(out) < k and (ben or mal):
@@ -33,11 +35,19 @@ def _pick(labels: np.ndarray, k: int) -> list[int]:
     return out
 
 
-def write_preview(federation: Federation, path: str | Path, *, per_site: int = 8) -> Path:
+def write_preview(
+    federation: Federation,
+    path: str | Path,
+    *,
+    per_site: int = 8,
+    outline_masks: bool = True,
+    class_names: tuple[str, str] = ("B", "M"),
+) -> Path:
     """Write a PNG grid: rows = sites (external last), columns = example images.
 
-    Each tile is titled with its label (B / M) and shows the nodule mask's contour thinly, so a
-    reader can check at a glance that masks sit on the nodules.
+    Each tile is titled with its label (``class_names``: B / M for nodules, e.g. N / T for
+    tumour tiles) and, with ``outline_masks``, shows its mask's contour thinly, so a reader can
+    check at a glance that masks sit on the lesions.
     """
     sites = list(federation.sites) + ([federation.external] if federation.external else [])
     fig, axes = plt.subplots(
@@ -55,10 +65,14 @@ def write_preview(federation: Federation, path: str | Path, *, per_site: int = 8
             if col >= len(idx):
                 continue
             i = idx[col]
-            ax.imshow(data.images[i, 0].numpy(), cmap="gray", vmin=0, vmax=255)
-            if data.masks is not None and data.masks[i].any():
+            image = data.images[i].numpy()
+            if image.shape[0] == 3:
+                ax.imshow(image.transpose(1, 2, 0))
+            else:
+                ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+            if outline_masks and data.masks is not None and data.masks[i].any():
                 ax.contour(data.masks[i].numpy(), levels=[0.5], colors="lime", linewidths=0.4)
-            ax.set_title("M" if labels[i] == 1 else "B", fontsize=7, pad=2,
+            ax.set_title(class_names[1] if labels[i] == 1 else class_names[0], fontsize=7, pad=2,
                          color="firebrick" if labels[i] == 1 else "navy")  # fmt: skip
         probe = site.meta.get("probe", "")
         role = " (external)" if site is federation.external else ""

@@ -27,6 +27,7 @@ from medfed.client.train import predict_proba, resolve_device
 from medfed.config import FaultKind, RunConfig, load_config
 from medfed.data.site import Site
 from medfed.engine import load_federation, model_for_shape
+from medfed.evaluation import Scorer
 from medfed.metrics.classification import accuracy, multiclass_auc
 from medfed.runtime.flower.codec import (
     Field,
@@ -39,6 +40,7 @@ from medfed.runtime.flower.codec import (
     update_content,
 )
 from medfed.runtime.inprocess import InjectedFault, apply_fault, fault_for, local_round
+from medfed.types import Task
 
 
 class SiteDataError(RuntimeError):
@@ -88,14 +90,14 @@ app = ClientApp()
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     """Who this node is and the shape of its data (never the data)."""
-    site = site_for(context, _config(msg))
+    config = _config(msg)
+    site = site_for(context, config)
     images = site.train.images if len(site.train) else site.val.images
-    counts = site.train.class_counts() if len(site.train) else site.val.class_counts()
     record = ConfigRecord(
         {
             Field.NAME: site.name,
             Field.N_TRAIN: len(site.train),
-            Field.NUM_CLASSES: max(len(counts), 2),
+            Field.NUM_CLASSES: _num_outputs(config, site),
             Field.IN_CHANS: int(images.shape[1]),
             Field.IMAGE_SIZE: int(images.shape[-1]),
         }
@@ -103,11 +105,15 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({Key.SITE: record}), reply_to=msg)
 
 
+def _num_outputs(config: RunConfig, site: Site) -> int:
+    return max(site.train.num_outputs(config.task), site.val.num_outputs(config.task))
+
+
 def _model(config: RunConfig, site: Site) -> nn.Module:
     images = site.train.images if len(site.train) else site.val.images
     return model_for_shape(
         config,
-        num_classes=max(len(site.train.class_counts() or site.val.class_counts()), 2),
+        num_classes=_num_outputs(config, site),
         in_chans=int(images.shape[1]),
         image_size=int(images.shape[-1]),
     )
@@ -137,6 +143,7 @@ def train(msg: Message, context: Context) -> Message:
         global_params=from_record(msg.content.array_records[Key.GLOBAL]),
         payload=groups_from_content(Key.PAYLOAD, msg.content),
         client_state=state,
+        kind=config.task,
     )
     data = site.train.to(device) if device.type == "cuda" else site.train
     # Configured misbehaviour (robustness tests), exactly as the simulator injects it.
@@ -159,6 +166,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's validation split; only aggregates go back."""
     config, site, device, model = _setup(msg, context)
     load_params(model, from_record(msg.content.array_records[Key.GLOBAL]), device)
+    if config.task is Task.SEGMENTATION:
+        return Message(RecordDict({Key.METRICS: _segmentation_metrics(config, site, device, model)}),
+                       reply_to=msg)  # fmt: skip
     proba = predict_proba(
         model,
         site.val,
@@ -176,6 +186,29 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics[Field.HIST_POS], metrics[Field.HIST_NEG] = score_histograms(y, proba[:, 1])
     record = MetricRecord({k: v for k, v in metrics.items() if not _is_nan(v)})
     return Message(RecordDict({Key.METRICS: record}), reply_to=msg)
+
+
+def _segmentation_metrics(
+    config: RunConfig, site: Site, device: torch.device, model: nn.Module
+) -> MetricRecord:
+    """Summed confusion counts and the per-image Dice sum: enough to pool, no mask leaves."""
+    scorer = Scorer(
+        Task.SEGMENTATION,
+        device=device,
+        batch_size=config.train.eval_batch_size,
+        normalize=config.train.normalize,
+        num_classes=_num_outputs(config, site),
+    )
+    counts = scorer.cases(model, site.val, site=site.name)
+    metrics = scorer.metrics(site.val, counts)
+    record: dict[str, int | float | list[int] | list[float]] = {
+        k: v for k, v in metrics.items() if not _is_nan(v)
+    }
+    record[Field.N] = len(site.val)
+    record[Field.COUNTS] = [int(x) for x in counts.sum(axis=0).reshape(-1)]
+    if Field.MEAN_IMAGE_DICE in metrics and not _is_nan(metrics[Field.MEAN_IMAGE_DICE]):
+        record[Field.IMAGE_DICE_SUM] = float(metrics[Field.MEAN_IMAGE_DICE]) * len(site.val)
+    return MetricRecord(record)
 
 
 def _is_nan(value: object) -> bool:

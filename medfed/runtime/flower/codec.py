@@ -47,6 +47,9 @@ class Field(StrEnum):
     N = "n"
     HIST_POS = "hist_pos"
     HIST_NEG = "hist_neg"
+    COUNTS = "counts"  # segmentation: summed TP/FP/FN/TN per class, flattened (C * 4)
+    MEAN_IMAGE_DICE = "mean_image_dice"
+    IMAGE_DICE_SUM = "image_dice_sum"
 
 
 def as_int(value: object) -> int:

@@ -41,7 +41,7 @@ from medfed.runtime.flower.codec import (
     update_from_content,
 )
 from medfed.runtime.inprocess import Failure, Outcome
-from medfed.types import Buffers, ClientState, Paradigm, Params
+from medfed.types import Buffers, ClientState, Paradigm, Params, Task
 
 GONE_GRACE_S = 5.0
 """How long an exchange waits for a site that missed an earlier one, once the others answered."""
@@ -57,6 +57,7 @@ class FlowerRuntime:
         self.grid = grid
         self.nodes = dict(nodes)
         self.config_json = config.model_dump_json()
+        self.task = config.task
         self.timeout = timeout
         # Site-held state stays at the sites (Context.state); the server never sees it.
         self.client_states: dict[str, ClientState] = {}
@@ -166,6 +167,8 @@ class FlowerRuntime:
         site_val: dict[str, dict[str, float]] = {}
         hists: dict[str, tuple[list[int], list[int]]] = {}
         replies = self._exchange(MessageType.EVALUATE, round_idx, list(self.nodes), content)
+        if self.task is Task.SEGMENTATION:
+            return _pooled_segmentation(replies)
         for site, reply in replies.items():
             if isinstance(reply, str):
                 continue
@@ -181,7 +184,32 @@ class FlowerRuntime:
         acc = np.array([v["acc"] for v in site_val.values()])
         pooled_acc = float((n * acc).sum() / n.sum()) if n.sum() else float("nan")
         auc = pooled_auc(hists) if hists else float("nan")
-        return RoundEval(auc, pooled_acc, site_val)
+        return RoundEval({"auc": auc, "acc": pooled_acc}, site_val)
+
+
+def _pooled_segmentation(replies: Mapping[str, Message | str]) -> RoundEval:
+    """Pool the sites' summed confusion counts: the metrics of all validation pixels at once."""
+    from medfed.metrics.segmentation import summarize
+
+    site_val: dict[str, dict[str, float]] = {}
+    counts, dice_sum, images = [], 0.0, 0
+    for site, reply in replies.items():
+        if isinstance(reply, str):
+            continue
+        m = reply.content.metric_records[Key.METRICS]
+        site_val[site] = {
+            k: as_float(v) for k, v in m.items() if k not in (Field.COUNTS, Field.IMAGE_DICE_SUM)
+        }
+        flat = np.asarray(m[Field.COUNTS], dtype=np.int64)
+        counts.append(flat.reshape(1, -1, 4))
+        if Field.IMAGE_DICE_SUM in m:
+            dice_sum += as_float(m[Field.IMAGE_DICE_SUM])
+            images += as_int(m[Field.N])
+    if not counts:
+        return RoundEval({}, site_val)
+    pooled = dict(summarize(np.concatenate(counts).sum(axis=0, keepdims=True)))
+    pooled[Field.MEAN_IMAGE_DICE] = dice_sum / images if images else float("nan")
+    return RoundEval(pooled, site_val)
 
 
 def discover(
@@ -215,7 +243,12 @@ def discover(
         if name in site_of:
             raise FederationError(f"two SuperNodes claim site {name!r}")
         site_of[name] = reply.metadata.src_node_id
-        shape = {k: as_int(rec[k]) for k in (Field.NUM_CLASSES, Field.IN_CHANS, Field.IMAGE_SIZE)}
+        reported: dict[str, int] = {
+            str(k): as_int(rec[k]) for k in (Field.NUM_CLASSES, Field.IN_CHANS, Field.IMAGE_SIZE)
+        }
+        # A site may lack the rarest class; the network needs every class any site has.
+        classes = max(shape.get(Field.NUM_CLASSES, 0), reported[Field.NUM_CLASSES])
+        shape = {**reported, str(Field.NUM_CLASSES): classes}
     if len(site_of) < len(nodes):
         raise FederationError(
             f"only {len(site_of)} of {len(nodes)} SuperNodes answered within {timeout:g} s "

@@ -69,25 +69,39 @@ def build_federation(config: RunConfig) -> Federation:
 
 
 def build_model(config: RunConfig, federation: Federation) -> nn.Module:
+    site = federation.sites[0]
+    shape = site.train.spatial_shape if len(site.train) else site.val.spatial_shape
     return model_for_shape(
         config,
         num_classes=federation.num_outputs(config.task),
         in_chans=federation.in_chans,
-        image_size=int(federation.sites[0].train.images.shape[-1]),
+        image_size=shape[-1],
+        spatial_shape=shape,
     )
 
 
 def model_for_shape(
-    config: RunConfig, *, num_classes: int, in_chans: int, image_size: int
+    config: RunConfig,
+    *,
+    num_classes: int,
+    in_chans: int,
+    image_size: int,
+    spatial_shape: tuple[int, ...] | None = None,
 ) -> nn.Module:
-    """The run's initial model; a server that holds no data learns the shape from the sites."""
+    """The run's initial model; a server that holds no data learns the shape from the sites.
+
+    ``spatial_shape`` (H, W) or (D, H, W) decides 2-D or 3-D; without it the input is a square
+    ``image_size`` image.
+    """
+    shape = spatial_shape or (image_size, image_size)
     # The initial weights are part of the experiment: derive them from the seed.
     torch.manual_seed(derive_seed(config.seed, "init"))
     return create_model(
         config.model.name,
         num_classes=max(num_classes, 2),
         in_chans=in_chans,
-        image_size=image_size,
+        image_size=shape,
+        spatial_dims=len(shape),
         pretrained_path=config.model.pretrained_path,
         freeze_backbone=config.model.freeze_backbone,
     )

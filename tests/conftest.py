@@ -94,3 +94,26 @@ def make_seg_federation(
 @pytest.fixture
 def seg_federation() -> Federation:
     return make_seg_federation()
+
+
+def make_seg_volume_federation(
+    n_sites: int = 2, *, n: int = 12, side: int = 16, seed: int = 0
+) -> Federation:
+    """Volumes (N, 1, D, H, W) with a bright cube in every other case, the cube as its mask."""
+    sites = []
+    for s in range(n_sites):
+        rng = np.random.default_rng(seed + s)
+        vols = rng.normal(90, 20, size=(n, 1, side, side, side))
+        masks = np.zeros((n, side, side, side), dtype=np.uint8)
+        edge = side // 4
+        for i in range(1, n, 2):
+            z, y, x = rng.integers(0, side - edge, size=3)
+            masks[i, z : z + edge, y : y + edge, x : x + edge] = 1
+        vols[:, 0][masks == 1] += 80
+        data = ArrayDataset(
+            images=torch.from_numpy(np.clip(vols, 0, 255).astype(np.uint8)),
+            labels=torch.from_numpy(masks.reshape(n, -1).max(axis=1).astype(np.int64)),
+            masks=torch.from_numpy(masks),
+        )
+        sites.append(Site.from_dataset(f"site{s}", data, seed=s))
+    return Federation(tuple(sites))

@@ -77,15 +77,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 def to_input(
     images: torch.Tensor, device: torch.device, *, normalize: str = "fixed"
 ) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> normalised float on ``device``.
+    """uint8 (B, C, H, W) or (B, C, D, H, W) -> normalised float on ``device``.
 
     ``per_image`` standardises each image by its own mean and std: hospitals' scanners differ in
     gain and contrast, and a per-image z-score removes that without any site sharing statistics.
     """
     x = images.to(device, non_blocking=True).float().div_(255.0)
     if normalize == "per_image":
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min_(1.0 / 255.0)
+        dims = tuple(range(1, x.ndim))
+        mean = x.mean(dim=dims, keepdim=True)
+        std = x.std(dim=dims, keepdim=True).clamp_min_(1.0 / 255.0)
         return x.sub_(mean).div_(std)
     return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
@@ -161,7 +162,9 @@ def train_local(
     model.train()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest
-    if device.type == "cuda" and opts.channels_last:
+    # channels_last is a 2-D layout; volumes keep the default (channels_last_3d gains little).
+    channels_last = device.type == "cuda" and opts.channels_last and data.images.ndim == 4
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, opts)
     images, labels = data.images.to(device), targets(data, task).to(device)
@@ -193,11 +196,10 @@ def train_local(
             y = labels[idx].long()
             if flips is not None:
                 flip = flips[start:stop]
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                x = torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
                 if y.ndim > 1:  # a mask flips with its image
-                    flip = flip.view(-1, *([1] * (y.ndim - 1)))
-                    y = torch.where(flip, y.flip(-1), y)
-            if device.type == "cuda" and opts.channels_last:
+                    y = torch.where(flip.view(-1, *([1] * (y.ndim - 1))), y.flip(-1), y)
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, opts.amp):
                 loss = criterion(model(x), y)

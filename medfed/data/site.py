@@ -1,6 +1,7 @@
 """Sites and federations.
 
-Images are kept as uint8 tensors (N, C, H, W): compact, exact, and converted to float per batch.
+Images are kept as uint8 tensors, (N, C, H, W) or volumes (N, C, D, H, W): compact, exact, and
+converted to float per batch. Masks are (N, H, W) or (N, D, H, W) label maps.
 """
 
 from __future__ import annotations
@@ -17,16 +18,27 @@ from medfed.types import Task
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor  # uint8 (N, C, H, W) or (N, C, D, H, W)
     labels: torch.Tensor  # int64 (N,)
-    masks: torch.Tensor | None = None  # uint8 (N, H, W), segmentation ground truth
+    masks: torch.Tensor | None = None  # uint8 (N, H, W) or (N, D, H, W), segmentation truth
     case_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4:
-            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+        if self.images.ndim not in (4, 5):
+            raise ValueError(
+                "images must be (N, C, H, W) or volumes (N, C, D, H, W), got shape "
+                f"{tuple(self.images.shape)}"
+            )
         if self.images.shape[0] != self.labels.shape[0]:
             raise ValueError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
+        if self.masks is not None and (
+            self.masks.shape[0] != self.images.shape[0]
+            or tuple(self.masks.shape[1:]) != tuple(self.images.shape[2:])
+        ):
+            raise ValueError(
+                f"masks {tuple(self.masks.shape)} do not match images {tuple(self.images.shape)}: "
+                "one label map per image, of the image's spatial size"
+            )
         if self.case_ids and len(self.case_ids) != len(self.labels):
             raise ValueError("case_ids must have one entry per image")
 
@@ -72,6 +84,11 @@ class ArrayDataset:
     @property
     def in_chans(self) -> int:
         return int(self.images.shape[1])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """(H, W), or (D, H, W) for volumes."""
+        return tuple(int(s) for s in self.images.shape[2:])
 
     @property
     def num_mask_classes(self) -> int:

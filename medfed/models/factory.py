@@ -8,6 +8,7 @@ how a federation starts from an agreed checkpoint (federated transfer learning).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -141,7 +142,7 @@ def create_model(
     *,
     num_classes: int,
     in_chans: int,
-    image_size: int = 64,
+    image_size: int | Sequence[int] = 64,
     pretrained_path: str | Path | None = None,
     freeze_backbone: bool = False,
     spatial_dims: int = 2,
@@ -149,7 +150,8 @@ def create_model(
     """Build ``medfed:<name>``, ``monai:<name>`` or ``timm:<name>`` (a bare name means timm).
 
     ``spatial_dims`` (2 or 3) applies to segmentation networks; classification networks are 2-D
-    only. ``image_size`` is the input side: segmentation networks check it fits their strides.
+    only. ``image_size`` is the input side (or every side, for volumes): segmentation networks
+    check it fits their strides.
     """
     check_model_name(name)
     if spatial_dims not in (2, 3):
@@ -177,8 +179,9 @@ def create_model(
         )
     source, _, arch = name.partition(":") if ":" in name else ("timm", ":", name)
     if source == "medfed":
+        side = image_size if isinstance(image_size, int) else int(image_size[-1])
         model = BUILTIN.entry(arch).factory(
-            in_chans=in_chans, num_classes=num_classes, image_size=image_size
+            in_chans=in_chans, num_classes=num_classes, image_size=side
         )
     else:
         import timm

@@ -7,7 +7,7 @@ classification runs do not pay its import time (seconds on 2 CPU cores).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -119,7 +119,12 @@ def is_segmentation_net(name: str) -> bool:
 
 
 def build_segmentation_net(
-    name: str, *, in_chans: int, num_classes: int, spatial_dims: int, image_size: int
+    name: str,
+    *,
+    in_chans: int,
+    num_classes: int,
+    spatial_dims: int,
+    image_size: int | Sequence[int],
 ) -> nn.Module:
     """Build a registered network after checking the spatial dimensionality and input size."""
     spec = SEGMENTATION_NETS[name]
@@ -128,9 +133,10 @@ def build_segmentation_net(
             f"{name} supports spatial_dims {spec.spatial_dims}, got spatial_dims={spatial_dims}"
         )
     m = spec.size_multiple
-    if image_size % m or image_size < 2 * m:
+    sides = (image_size,) if isinstance(image_size, int) else tuple(image_size)
+    if any(side % m or side < 2 * m for side in sides):
         raise ValueError(
-            f"{name} needs an image size that is a multiple of {m} and at least {2 * m} "
+            f"{name} needs every input side to be a multiple of {m} and at least {2 * m} "
             f"(its encoder halves the input {m.bit_length() - 1} times), got {image_size}"
         )
     if num_classes < 1:

@@ -229,14 +229,16 @@ def _overlays(
             predicted[title] = _masks(model, chosen, config, device).numpy()
         ids = _case_ids(site, site.val)
         for j, i in enumerate(idx):
+            image, truth = chosen.images[j].cpu().numpy(), chosen.masks[j].cpu().numpy()
+            preds = {t: m[j] for t, m in predicted.items()}
+            case = ids[i]
+            if truth.ndim == 3:  # a volume: show the slice with the most ground truth
+                k = int(truth.reshape(truth.shape[0], -1).sum(axis=1).argmax())
+                image, truth = image[:, k], truth[k]
+                preds = {t: m[k] for t, m in preds.items()}
+                case = f"{case} z={k}"
             examples.append(
-                Example(
-                    site=site.name,
-                    case_id=ids[i],
-                    image=chosen.images[j].cpu().numpy(),
-                    truth=chosen.masks[j].cpu().numpy(),
-                    predicted={t: m[j] for t, m in predicted.items()},
-                )
+                Example(site=site.name, case_id=case, image=image, truth=truth, predicted=preds)
             )
     rel = f"overlays/{network.slug}.png"
     write_overlays(out_dir / rel, examples, title=f"{network.label}: validation examples")

@@ -162,16 +162,19 @@ def convert_masks(masks: np.ndarray, opts: ImageOptions, *, source: str) -> torc
 class LoadedData:
     """What every source produces: converted images plus everything needed to split them.
 
-    ``labels`` index ``label_names``; ``split`` holds "train" / "val" / "test" per case when the
-    source had a split column; ``metadata`` holds other per-case columns (site, scanner, ...).
+    ``images`` are uint8 (N, C, H, W), or (N, C, D, H, W) for whole volumes (NIfTI ``mode:
+    volume``); ``masks`` are uint8 label maps of the images' spatial shape, (N, H, W) or
+    (N, D, H, W). ``labels`` index ``label_names``; ``split`` holds "train" / "val" / "test" per
+    case when the source had a split column; ``metadata`` holds other per-case columns (site,
+    scanner, ...).
     """
 
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor  # uint8 (N, C, H, W) or (N, C, D, H, W)
     labels: torch.Tensor  # int64 (N,)
     case_ids: tuple[str, ...]
     patient_ids: tuple[str, ...]
     label_names: tuple[str, ...]
-    masks: torch.Tensor | None = None  # uint8 (N, H, W)
+    masks: torch.Tensor | None = None  # uint8 (N, H, W) or (N, D, H, W)
     split: tuple[str | None, ...] | None = None
     metadata: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     skipped: tuple[tuple[str, str], ...] = ()

@@ -139,8 +139,16 @@ class NiftiMode(StrEnum):
 class NiftiSource(_SourceBase):
     """NIfTI volumes listed in a CSV (path, label [, mask_path, patient_id, split, ...]).
 
-    ``slices``: every ``every_k``-th slice along ``axis`` (of the RAS-reoriented volume) within
-    ``slice_range`` [start, stop) becomes a case, with its mask slice.
+    Every volume is first reoriented to the closest canonical (RAS+) orientation, so ``axis``
+    means the same anatomical direction at every site (0 = sagittal, 1 = coronal, 2 = axial).
+
+    ``slices``: every ``every_k``-th slice along ``axis`` within ``slice_range`` [start, stop)
+    becomes a 2-D case (``<path>#<k>``), with its mask slice; ``ImageOptions`` size it.
+
+    ``volume``: each row is one 3-D case (its manifest path), resampled to ``volume_size``
+    (D, H, W) with D = ``axis`` and H, W the other two RAS axes in order, so ``volume[d]`` is
+    slice mode's slice ``d`` before resizing. ImageOptions' intensity / channels rules apply per
+    volume; its size / resize do not.
     """
 
     kind: Literal[SourceKind.NIFTI] = SourceKind.NIFTI
@@ -148,14 +156,32 @@ class NiftiSource(_SourceBase):
     root: Path | None = None
     mode: NiftiMode = NiftiMode.SLICES
     axis: Literal[0, 1, 2] = 2
-    slice_range: tuple[int, int] | None = None
-    every_k: int = Field(1, ge=1)
+    slice_range: tuple[int, int] | None = Field(
+        None, description="slices mode: [start, stop) along axis; unset = all slices"
+    )
+    every_k: int = Field(1, ge=1, description="slices mode: keep every k-th slice")
+    volume_size: tuple[int, int, int] = Field(
+        (32, 64, 64),
+        description="volume mode: (D, H, W) every volume is resampled to, each axis on its own "
+        "(trilinear image, nearest-neighbour mask; voxel spacing is not used). D runs along "
+        "``axis`` of the RAS-reoriented volume, H and W are the remaining two axes in order "
+        "(axis 2: D = z inferior->superior, H = x left->right, W = y posterior->anterior)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NiftiSource:
         if self.slice_range is not None and not 0 <= self.slice_range[0] < self.slice_range[1]:
             raise ValueError(f"slice_range must be [start, stop) with 0 <= start < stop, got "
                              f"{self.slice_range}")  # fmt: skip
+        if any(s < 1 for s in self.volume_size):
+            raise ValueError(f"volume_size must be three positive sizes (D, H, W), got "
+                             f"{self.volume_size}")  # fmt: skip
+        if self.mode == NiftiMode.VOLUME and (self.slice_range is not None or self.every_k != 1):
+            raise ValueError("slice_range and every_k apply to mode 'slices' only; mode "
+                             "'volume' keeps the whole volume (resampled to volume_size)")  # fmt: skip
+        if self.mode == NiftiMode.SLICES and "volume_size" in self.model_fields_set:
+            raise ValueError("volume_size applies to mode 'volume' only; slices are sized by "
+                             "the image options (size, resize)")  # fmt: skip
         return self
 
 

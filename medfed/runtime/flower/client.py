@@ -100,6 +100,7 @@ def describe(msg: Message, context: Context) -> Message:
             Field.NUM_CLASSES: _num_outputs(config, site),
             Field.IN_CHANS: int(images.shape[1]),
             Field.IMAGE_SIZE: int(images.shape[-1]),
+            Field.SPATIAL_SHAPE: [int(s) for s in images.shape[2:]],
         }
     )
     return Message(RecordDict({Key.SITE: record}), reply_to=msg)
@@ -116,6 +117,7 @@ def _model(config: RunConfig, site: Site) -> nn.Module:
         num_classes=_num_outputs(config, site),
         in_chans=int(images.shape[1]),
         image_size=int(images.shape[-1]),
+        spatial_shape=tuple(int(s) for s in images.shape[2:]),
     )
 
 

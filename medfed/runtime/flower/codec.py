@@ -42,6 +42,7 @@ class Field(StrEnum):
     NUM_CLASSES = "num_classes"
     IN_CHANS = "in_chans"
     IMAGE_SIZE = "image_size"
+    SPATIAL_SHAPE = "spatial_shape"  # (H, W) or (D, H, W)
     AUC = "auc"
     ACC = "acc"
     N = "n"

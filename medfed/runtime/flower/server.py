@@ -214,7 +214,7 @@ def _pooled_segmentation(replies: Mapping[str, Message | str]) -> RoundEval:
 
 def discover(
     grid: Grid, config: RunConfig, *, expected: int, timeout: float
-) -> tuple[dict[str, int], dict[str, int]]:
+) -> tuple[dict[str, int], dict[str, int], tuple[int, ...] | None]:
     """Wait for ``expected`` SuperNodes; ask each which site it is and its data's shape."""
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
@@ -232,6 +232,7 @@ def discover(
     ]
     site_of: dict[str, int] = {}
     shape: dict[str, int] = {}
+    spatial: tuple[int, ...] | None = None
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
             raise FederationError(
@@ -249,13 +250,21 @@ def discover(
         # A site may lack the rarest class; the network needs every class any site has.
         classes = max(shape.get(Field.NUM_CLASSES, 0), reported[Field.NUM_CLASSES])
         shape = {**reported, str(Field.NUM_CLASSES): classes}
+        if Field.SPATIAL_SHAPE in rec:
+            site_shape = tuple(as_int(s) for s in rec[Field.SPATIAL_SHAPE])  # type: ignore[union-attr]
+            if spatial is not None and site_shape != spatial:
+                raise FederationError(
+                    f"site {name!r} has images of size {site_shape}, others {spatial}: every "
+                    "site must resize to the same shape (the data config's image options)"
+                )
+            spatial = site_shape
     if len(site_of) < len(nodes):
         raise FederationError(
             f"only {len(site_of)} of {len(nodes)} SuperNodes answered within {timeout:g} s "
             f"(answered: {', '.join(sorted(site_of)) or 'none'}); raise the run config's "
             "'timeout' if the sites are merely slow"
         )
-    return dict(sorted(site_of.items())), shape
+    return dict(sorted(site_of.items())), shape, spatial
 
 
 def serve(
@@ -272,13 +281,14 @@ def serve(
     if config.paradigm is not Paradigm.FEDERATED:
         raise FederationError(f"the Flower runtime runs federated training, not {config.paradigm}")
     _prepare_dir(out_dir, config, resume=False)
-    nodes, shape = discover(grid, config, expected=num_sites, timeout=timeout)
+    nodes, shape, spatial = discover(grid, config, expected=num_sites, timeout=timeout)
     device = resolve_device(config.device)
     model = model_for_shape(
         config,
         num_classes=shape[Field.NUM_CLASSES],
         in_chans=shape[Field.IN_CHANS],
         image_size=shape[Field.IMAGE_SIZE],
+        spatial_shape=spatial,
     ).to(device)
     strategy = config.federation.strategy
     algorithm = STRATEGIES.create(strategy.name, strategy.options)

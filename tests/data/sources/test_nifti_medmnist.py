@@ -41,14 +41,13 @@ def test_slices_along_axis_with_masks(tmp_path: Path, write_csv: Any) -> None:
     np.testing.assert_array_equal(ax0.images[2, 0, :4].numpy(), vol[2])  # 4x5 padded to 5x5
 
 
-def test_volume_mode_and_corrupt_nifti(tmp_path: Path, write_csv: Any) -> None:
+def test_corrupt_nifti(tmp_path: Path, write_csv: Any) -> None:
+    """Slices mode; volume mode has its own tests in test_nifti_volume.py."""
     _vol(tmp_path / "v.nii", np.zeros((4, 4, 3), np.float32))
     raw = (tmp_path / "v.nii").read_bytes()
     (tmp_path / "t.nii").write_bytes(raw[: len(raw) - 20])
     m = write_csv(tmp_path / "m.csv", [{"path": "v.nii", "label": "a"},
                                        {"path": "t.nii", "label": "a"}])  # fmt: skip
-    with pytest.raises(DataError, match="3-D volumes need the segmentation issue's 3-D dataset"):
-        load_nifti(NiftiSource(manifest=m, mode="volume"), image=NONE)
     with pytest.raises(DataError, match=rf"row 3: {tmp_path / 't.nii'}: truncated"):
         load_nifti(NiftiSource(manifest=m), image=NONE)
     data = load_nifti(NiftiSource(manifest=m, on_error="skip"), image=NONE)

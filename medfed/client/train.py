@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -222,6 +222,23 @@ def train_local(
     return TrainResult(mean_loss, seen, steps, time.perf_counter() - start)
 
 
+def _eval_logits(
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    device: torch.device,
+    batch_size: int,
+    amp: bool,
+    normalize: str,
+) -> Iterator[torch.Tensor]:
+    """Eval-mode logits batch by batch; callers run it under ``torch.no_grad``."""
+    model.eval()
+    for start in range(0, len(data), batch_size):
+        x = to_input(data.images[start : start + batch_size], device, normalize=normalize)
+        with _autocast(device, amp):
+            yield model(x)
+
+
 @torch.no_grad()
 def predict_proba(
     model: nn.Module,
@@ -233,13 +250,12 @@ def predict_proba(
     normalize: str = "per_image",
 ) -> np.ndarray:
     """Softmax probabilities (N, num_classes) in eval mode."""
-    model.eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        x = to_input(data.images[start : start + batch_size], device, normalize=normalize)
-        with _autocast(device, amp):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1))
+    out = [
+        torch.softmax(logits.float(), dim=1)
+        for logits in _eval_logits(
+            model, data, device=device, batch_size=batch_size, amp=amp, normalize=normalize
+        )
+    ]
     if not out:
         return np.zeros((0, 2), dtype=np.float64)
     # One device->host copy for the whole split, not one per batch.
@@ -260,13 +276,12 @@ def predict_masks(
 
     Masks stay at the site: callers reduce them to confusion counts before anything is sent.
     """
-    model.eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        x = to_input(data.images[start : start + batch_size], device, normalize=normalize)
-        with _autocast(device, amp):
-            logits = model(x)
-        out.append(logits.argmax(dim=1).to(torch.uint8))
+    out = [
+        logits.argmax(dim=1).to(torch.uint8)
+        for logits in _eval_logits(
+            model, data, device=device, batch_size=batch_size, amp=amp, normalize=normalize
+        )
+    ]
     if not out:
         return torch.zeros((0, *data.images.shape[2:]), dtype=torch.uint8)
     return torch.cat(out).cpu()

@@ -30,8 +30,14 @@ from medfed.metrics.segmentation import (
     pooled_dice,
     pooled_jaccard,
 )
-from medfed.seeding import derive_seed
-from medfed.study.stats import SITE_PREFIX, ModelKey, Split
+from medfed.study.stats import (
+    ModelKey,
+    Split,
+    bootstrap_seed,
+    collect,
+    paired_models,
+    report_splits,
+)
 from medfed.types import Paradigm
 
 METRICS = ("dice", "jaccard", "pixel_acc")
@@ -62,6 +68,9 @@ class SegScores:
     def image_dice(self) -> np.ndarray:
         """Per-image Dice averaged over foreground classes (MONAI's ``ignore_empty=False``)."""
         return np.asarray(dice_from_counts(self.foreground, ignore_empty=False)).mean(axis=1)
+
+    def __len__(self) -> int:
+        return len(self.counts)
 
     def where_site(self, site: str) -> SegScores:
         idx = np.flatnonzero([s == site for s in self.sites])
@@ -143,20 +152,14 @@ def model_results(
     level: float,
     seed: int,
 ) -> dict[str, dict[str, Any]]:
-    internal = splits[Split.INTERNAL]
-    parts: list[tuple[str, SegScores]] = [(str(Split.INTERNAL), internal)]
-    if Split.EXTERNAL in splits and len(splits[Split.EXTERNAL].counts):
-        parts.append((str(Split.EXTERNAL), splits[Split.EXTERNAL]))
-    parts += [(f"{SITE_PREFIX}{site}", internal.where_site(site)) for site in site_names]
     return {
         name: split_metrics(
             data,
             resamples=resamples,
             level=level,
-            seed=derive_seed(seed, "bootstrap", network, paradigm, name) % (2**32),
+            seed=bootstrap_seed(seed, network, paradigm, name),
         )
-        for name, data in parts
-        if len(data.counts)
+        for name, data in report_splits(splits, site_names=site_names)
     }
 
 
@@ -171,44 +174,25 @@ def wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
 def comparisons(predictions: SegPredictions, *, networks: Sequence[str]) -> list[dict[str, Any]]:
     """Federated vs centralized and vs each local model: per-image Dice, paired on the images."""
     out: list[dict[str, Any]] = []
-    fed_key = str(Paradigm.FEDERATED)
-    for network in networks:
-        fed = predictions.get((network, fed_key))
-        if fed is None:
-            continue
-        others = sorted(
-            (p for (n, p) in predictions if n == network and p != fed_key),
-            key=lambda p: (p != str(Paradigm.CENTRALIZED), p),
+    for network, split, other, a, b in paired_models(predictions, networks=networks):
+        dice_a, dice_b = a.image_dice(), b.image_dice()
+        statistic, p = wilcoxon(dice_a, dice_b)
+        out.append(
+            {
+                "network": network,
+                "split": str(split),
+                "a": str(Paradigm.FEDERATED),
+                "b": other,
+                "metric": "image_dice",
+                "test": "wilcoxon",
+                "n": len(dice_a),
+                "mean_a": float(dice_a.mean()),
+                "mean_b": float(dice_b.mean()),
+                "difference": float(dice_a.mean() - dice_b.mean()),
+                "statistic": statistic,
+                "p_value": p,
+            }
         )
-        for split in Split:
-            if split not in fed or len(fed[split].counts) == 0:
-                continue
-            a = fed[split]
-            dice_a = a.image_dice()
-            for other in others:
-                b = predictions[(network, other)][split]
-                if b.case_ids != a.case_ids:
-                    raise ValueError(
-                        f"{network}: {other} and {fed_key} were scored on different {split} images"
-                    )
-                dice_b = b.image_dice()
-                statistic, p = wilcoxon(dice_a, dice_b)
-                out.append(
-                    {
-                        "network": network,
-                        "split": str(split),
-                        "a": fed_key,
-                        "b": other,
-                        "metric": "image_dice",
-                        "test": "wilcoxon",
-                        "n": len(dice_a),
-                        "mean_a": float(dice_a.mean()),
-                        "mean_b": float(dice_b.mean()),
-                        "difference": float(dice_a.mean() - dice_b.mean()),
-                        "statistic": statistic,
-                        "p_value": p,
-                    }
-                )
     return out
 
 
@@ -221,19 +205,14 @@ def study_results(
     level: float,
     seed: int,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict[str, Any]]]:
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for (network, paradigm), splits in predictions.items():
-        results.setdefault(network, {})[paradigm] = model_results(
-            network,
-            paradigm,
-            splits,
-            site_names=site_names,
-            resamples=resamples,
-            level=level,
-            seed=seed,
-        )
-    ordered = {n: results[n] for n in networks if n in results}
-    return ordered, comparisons(predictions, networks=networks)
+    """``{network: {paradigm: {split: metrics}}}`` and the Wilcoxon comparisons."""
+
+    def score(network: str, paradigm: str, splits: Mapping[Split, SegScores]) -> Any:
+        return model_results(network, paradigm, splits, site_names=site_names,
+                             resamples=resamples, level=level, seed=seed)  # fmt: skip
+
+    results = collect(predictions, networks=networks, score=score)
+    return results, comparisons(predictions, networks=networks)
 
 
 def write_counts(path: Path, predictions: SegPredictions) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -51,6 +51,9 @@ class SplitScores:
         n = len(self.labels)
         if not (len(self.sites) == len(self.case_ids) == len(self.scores) == n):
             raise ValueError("sites, case_ids, labels and scores must have one entry per case")
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
     def where_site(self, site: str) -> SplitScores:
         keep = np.array([s == site for s in self.sites], dtype=bool)
@@ -93,6 +96,75 @@ def split_metrics(
     return out
 
 
+S = TypeVar("S", bound="Scored")
+
+
+class Scored(Protocol):
+    """Per-case results of one model on one split (classification scores or seg counts)."""
+
+    @property
+    def case_ids(self) -> tuple[str, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def where_site(self: S, site: str) -> S: ...
+
+
+def report_splits(splits: Mapping[Split, S], *, site_names: Sequence[str]) -> list[tuple[str, S]]:
+    """The splits results.json reports for one model: internal, external, then each site's own."""
+    internal = splits[Split.INTERNAL]
+    parts: list[tuple[str, S]] = [(str(Split.INTERNAL), internal)]
+    if Split.EXTERNAL in splits:
+        parts.append((str(Split.EXTERNAL), splits[Split.EXTERNAL]))
+    parts += [(f"{SITE_PREFIX}{site}", internal.where_site(site)) for site in site_names]
+    return [(name, data) for name, data in parts if len(data)]
+
+
+def bootstrap_seed(seed: int, network: str, paradigm: str, split: str) -> int:
+    """Independent resamples per (model, split), reproducible from the study seed."""
+    return derive_seed(seed, "bootstrap", network, paradigm, split) % (2**32)
+
+
+def paired_models(
+    predictions: Mapping[ModelKey, Mapping[Split, S]], *, networks: Sequence[str]
+) -> Iterator[tuple[str, Split, str, S, S]]:
+    """(network, split, other, federated, other's) for every comparison a study reports:
+    federated vs centralized, then vs each local model, on the very same cases."""
+    fed_key = str(Paradigm.FEDERATED)
+    for network in networks:
+        fed = predictions.get((network, fed_key))
+        if fed is None:
+            continue
+        others = sorted(
+            (p for (n, p) in predictions if n == network and p != fed_key),
+            key=lambda p: (p != str(Paradigm.CENTRALIZED), p),
+        )
+        for split in Split:
+            if split not in fed or len(fed[split]) == 0:
+                continue
+            a = fed[split]
+            for other in others:
+                b = predictions[(network, other)][split]
+                if b.case_ids != a.case_ids:
+                    raise ValueError(
+                        f"{network}: {other} and {fed_key} were scored on different {split} cases"
+                    )
+                yield network, split, other, a, b
+
+
+def collect(
+    predictions: Mapping[ModelKey, Mapping[Split, S]],
+    *,
+    networks: Sequence[str],
+    score: Callable[[str, str, Mapping[Split, S]], dict[str, dict[str, Any]]],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{network: {paradigm: score(network, paradigm, splits)}}`` in the study's network order."""
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for (network, paradigm), splits in predictions.items():
+        results.setdefault(network, {})[paradigm] = score(network, paradigm, splits)
+    return {n: results[n] for n in networks if n in results}
+
+
 def model_results(
     network: str,
     paradigm: str,
@@ -106,63 +178,39 @@ def model_results(
     """One model's block of results.json; the threshold is Youden's J on internal validation."""
     internal = splits[Split.INTERNAL]
     threshold = youden_threshold(internal.labels, internal.scores)
-    parts: list[tuple[str, SplitScores]] = [(str(Split.INTERNAL), internal)]
-    if Split.EXTERNAL in splits and len(splits[Split.EXTERNAL].labels):
-        parts.append((str(Split.EXTERNAL), splits[Split.EXTERNAL]))
-    parts += [(f"{SITE_PREFIX}{site}", internal.where_site(site)) for site in site_names]
     return {
         name: split_metrics(
             data,
             threshold=threshold,
             resamples=resamples,
             level=level,
-            # Independent resamples per (model, split), reproducible from the study seed.
-            seed=derive_seed(seed, "bootstrap", network, paradigm, name) % (2**32),
+            seed=bootstrap_seed(seed, network, paradigm, name),
         )
-        for name, data in parts
-        if len(data.labels)
+        for name, data in report_splits(splits, site_names=site_names)
     }
 
 
 def comparisons(predictions: Predictions, *, networks: Sequence[str]) -> list[dict[str, Any]]:
     """Federated vs centralized and vs each local model, paired on the same cases (DeLong)."""
     out: list[dict[str, Any]] = []
-    fed_key = str(Paradigm.FEDERATED)
-    for network in networks:
-        fed = predictions.get((network, fed_key))
-        if fed is None:
-            continue
-        others = sorted(
-            (p for (n, p) in predictions if n == network and p != fed_key),
-            key=lambda p: (p != str(Paradigm.CENTRALIZED), p),
+    for network, split, other, a, b in paired_models(predictions, networks=networks):
+        y = a.labels
+        if not 0 < int(y.sum()) < len(y):
+            continue  # one class only: no ROC curve to compare
+        t = delong_test(y, a.scores, b.scores)
+        out.append(
+            {
+                "network": network,
+                "split": str(split),
+                "a": str(Paradigm.FEDERATED),
+                "b": other,
+                "auc_a": t.auc_a,
+                "auc_b": t.auc_b,
+                "difference": t.difference,
+                "z": t.z,
+                "p_value": t.p_value,
+            }
         )
-        for split in Split:
-            if split not in fed or len(fed[split].labels) == 0:
-                continue
-            a = fed[split]
-            y = a.labels
-            if not 0 < int(y.sum()) < len(y):
-                continue
-            for other in others:
-                b = predictions[(network, other)][split]
-                if b.case_ids != a.case_ids:
-                    raise ValueError(
-                        f"{network}: {other} and {fed_key} were scored on different {split} cases"
-                    )
-                t = delong_test(y, a.scores, b.scores)
-                out.append(
-                    {
-                        "network": network,
-                        "split": str(split),
-                        "a": fed_key,
-                        "b": other,
-                        "auc_a": t.auc_a,
-                        "auc_b": t.auc_b,
-                        "difference": t.difference,
-                        "z": t.z,
-                        "p_value": t.p_value,
-                    }
-                )
     return out
 
 
@@ -176,19 +224,13 @@ def study_results(
     seed: int,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict[str, Any]]]:
     """``{network: {paradigm: {split: metrics}}}`` and the DeLong comparisons."""
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for (network, paradigm), splits in predictions.items():
-        results.setdefault(network, {})[paradigm] = model_results(
-            network,
-            paradigm,
-            splits,
-            site_names=site_names,
-            resamples=resamples,
-            level=level,
-            seed=seed,
-        )
-    ordered = {n: results[n] for n in networks if n in results}
-    return ordered, comparisons(predictions, networks=networks)
+
+    def score(network: str, paradigm: str, splits: Mapping[Split, SplitScores]) -> Any:
+        return model_results(network, paradigm, splits, site_names=site_names,
+                             resamples=resamples, level=level, seed=seed)  # fmt: skip
+
+    results = collect(predictions, networks=networks, score=score)
+    return results, comparisons(predictions, networks=networks)
 
 
 # --- predictions.csv ---

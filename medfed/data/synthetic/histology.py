@@ -36,8 +36,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +49,7 @@ from scipy.ndimage import gaussian_filter
 
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.data.stain import REFERENCE_IO, estimate_io, macenko_normalize
+from medfed.data.synthetic.cache import default_cache_dir, load_site, render_threads, save_site
 from medfed.data.synthetic.histology_sites import (
     DEFAULT_EXTERNAL,
     DEFAULT_SITES,
@@ -64,7 +63,6 @@ from medfed.data.synthetic.histology_sites import (
     rotate_toward,
     sample_tiles,
 )
-from medfed.data.synthetic.ultrasound import _workers, _write_npz, default_cache_dir
 from medfed.seeding import derive_seed, numpy_rng
 
 __all__ = [
@@ -425,7 +423,7 @@ def generate_histology_site(
         return imgs, masks
 
     # Chunks are independent (own RNG streams), so threads change speed, never bytes.
-    workers = min(len(starts), _workers())
+    workers = min(len(starts), render_threads())
     if workers == 1:
         parts = [render(c) for c in range(len(starts))]
     else:
@@ -466,38 +464,6 @@ def _cache_key(profile: HistologySiteProfile, image_size: int, seed: int) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _save(path: Path, data: ArrayDataset, features: dict[str, np.ndarray]) -> None:
-    assert data.masks is not None
-    arrays = {"images": data.images.numpy(), "labels": data.labels.numpy(),
-              "masks": np.packbits(data.masks.numpy(), axis=-1),
-              "mask_width": np.array(data.masks.shape[-1])}  # fmt: skip
-    arrays |= {f"feature_{key}": v for key, v in features.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _write_npz(fh, arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable
-        os.replace(tmp, path)  # atomic: concurrent readers never see a half-written file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _load(path: Path) -> tuple[ArrayDataset, dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as z:
-        width = int(z["mask_width"])
-        masks = np.unpackbits(z["masks"], axis=-1, count=width)
-        features = {key[8:]: z[key] for key in z.files if key.startswith("feature_")}
-        data = ArrayDataset(
-            images=torch.from_numpy(z["images"]),
-            labels=torch.from_numpy(z["labels"]),
-            masks=torch.from_numpy(masks),
-            case_ids=tuple(str(c) for c in features["case_id"]),
-        )
-    return data, features
-
-
 def load_or_generate_histology_site(
     profile: HistologySiteProfile,
     *,
@@ -510,9 +476,9 @@ def load_or_generate_histology_site(
     key = _cache_key(profile, image_size, seed)
     path = root / "histology" / f"{profile.name}-{image_size}px-{key}.npz"
     if path.exists():
-        return _load(path)
+        return load_site(path)
     data, features = generate_histology_site(profile, image_size=image_size, seed=seed)
-    _save(path, data, features)
+    save_site(path, data, features)
     return data, features
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from medfed.data.sources.errors import DataError
 from medfed.data.sources.image import LoadedData, _intensity
-from medfed.data.sources.options import ImageOptions, NiftiMode, NiftiSource, OnError, Split
+from medfed.data.sources.options import ImageOptions, NiftiMode, NiftiSource, OnError
 from medfed.data.sources.table import (
     RESERVED,
     Collector,
@@ -181,9 +181,8 @@ def assemble_volumes(
         label = out.check_label(row.get("label"), row, str(rec.path))
         if label is None:
             continue
-        split = row.get("split")
-        if split is not None and split.lower() not in {s.value for s in Split}:
-            out.fail(row.at("split"), f"unknown split value {split!r} (train, val or test)")
+        ok, split = out.check_split(row)
+        if not ok:
             continue
         cid = row.get("path") or str(rec.path)
         out.images.append(img)
@@ -191,7 +190,7 @@ def assemble_volumes(
         out.labels.append(label)
         out.case_ids.append(cid)
         out.patients.append(row.get("patient_id") or cid)
-        out.splits.append(None if split is None else split.lower())
+        out.splits.append(split)
         out.meta.append({k: v for k, v in row.cells.items() if k not in RESERVED})
     return out.finish()
 

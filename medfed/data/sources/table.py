@@ -171,6 +171,16 @@ class Collector:
             return None
         return label
 
+    def check_split(self, row: Row) -> tuple[bool, str | None]:
+        """(usable, lower-cased split or None); an unknown value is recorded as a bad row."""
+        split = row.get("split")
+        if split is None:
+            return True, None
+        if split.lower() not in {s.value for s in Split}:
+            self.fail(row.at("split"), f"unknown split value {split!r} (train, val or test)")
+            return False, None
+        return True, split.lower()
+
     def finish(self) -> LoadedData:
         if self.bad and self.on_error == OnError.RAISE:
             listed = "\n  ".join(f"{f}: {r}" for f, r in self.bad[:_MAX_LISTED])
@@ -230,9 +240,8 @@ def assemble(
             label = out.check_label(row.get("label"), row, str(rec.path))
             if label is None:
                 continue
-            split = row.get("split")
-            if split is not None and split.lower() not in {s.value for s in Split}:
-                out.fail(row.at("split"), f"unknown split value {split!r} (train, val or test)")
+            ok, split = out.check_split(row)
+            if not ok:
                 continue
             images = convert_images(dec.frames, image, source=str(rec.path),
                                     display_range=dec.display_range)  # fmt: skip
@@ -250,7 +259,7 @@ def assemble(
             out.labels.append(label)
             out.case_ids.append(cid + suffix)
             out.patients.append(patient)
-            out.splits.append(None if split is None else split.lower())
+            out.splits.append(split)
             out.meta.append(meta)
     return out.finish()
 

@@ -63,6 +63,7 @@ from medfed.data.synthetic.histology_sites import (
     rotate_toward,
     sample_tiles,
 )
+from medfed.data.synthetic.render import blend, sigmoid_
 from medfed.seeding import derive_seed, numpy_rng
 
 __all__ = [
@@ -143,19 +144,6 @@ class HistologyOptions(BaseModel):
 
 # --------------------------------------------------------------------------------------------
 # Rendering
-
-
-def _sig(x: np.ndarray) -> np.ndarray:
-    """Logistic function, in place on the (temporary) argument: 1/2 + tanh(x/2)/2."""
-    x *= 0.5
-    np.tanh(x, out=x)
-    x *= 0.5
-    x += 0.5
-    return x
-
-
-def _blend(a: np.ndarray, b: np.ndarray | float, t: np.ndarray) -> np.ndarray:
-    return a + (b - a) * t
 
 
 @lru_cache(maxsize=64)
@@ -336,8 +324,8 @@ def _render_chunk(
         d = np.hypot((du * ct + dv * st) / gcol("g_ra"), (dv * ct - du * st) / gcol("g_rb"))
         dist = (d - 1) * np.sqrt(gcol("g_ra") * gcol("g_rb")) * size  # px outside the lumen
         on = gcol("g_on")
-        np.maximum(lumen, _sig(dist * (-1 / 0.6)) * on, out=lumen)
-        np.maximum(gland, _sig((gcol("g_ring") * size - dist) * (1 / 0.6)) * on, out=gland)
+        np.maximum(lumen, sigmoid_(dist * (-1 / 0.6)) * on, out=lumen)
+        np.maximum(gland, sigmoid_((gcol("g_ring") * size - dist) * (1 / 0.6)) * on, out=gland)
     outside = (1 - tum_soft) * (1 - glass_s)
     lumen *= outside
     gland *= outside
@@ -355,10 +343,10 @@ def _render_chunk(
         fibres += amp * np.cos(phase + 2.5 * smooth[:, 1 + j])
     E = 0.5 * np.exp(0.2 * smooth[:, 0]) * (1 + 0.22 * fibres + 0.08 * fine[1])
     H = np.full_like(E, 0.07)
-    H, E = _blend(H, 0.12, gland), _blend(E, 0.30, gland)  # epithelium
-    H, E = _blend(H, 0.01, lumen), _blend(E, 0.02, lumen)
-    H = _blend(H, 0.2, tum_soft)  # tumour cytoplasm: less eosin, more haematoxylin (purple)
-    E = _blend(E, 0.32 * np.exp(0.15 * smooth[:, 0]), tum_soft)
+    H, E = blend(H, 0.12, gland), blend(E, 0.30, gland)  # epithelium
+    H, E = blend(H, 0.01, lumen), blend(E, 0.02, lumen)
+    H = blend(H, 0.2, tum_soft)  # tumour cytoplasm: less eosin, more haematoxylin (purple)
+    E = blend(E, 0.32 * np.exp(0.15 * smooth[:, 0]), tum_soft)
     H *= 1 - glass_s
     E *= 1 - glass_s
 

@@ -49,6 +49,7 @@ from sklearn.metrics import roc_auc_score
 
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.data.synthetic.cache import default_cache_dir, load_site, render_threads, save_site
+from medfed.data.synthetic.render import blend, sigmoid_
 from medfed.data.synthetic.ultrasound_sites import (
     COMPOSITION,
     DEFAULT_EXTERNAL,
@@ -126,19 +127,6 @@ class UltrasoundOptions(BaseModel):
 
 # --------------------------------------------------------------------------------------------
 # Anatomy
-
-
-def _sig(x: np.ndarray) -> np.ndarray:
-    """Logistic function, in place on the (temporary) argument: 1/2 + tanh(x/2)/2."""
-    x *= 0.5
-    np.tanh(x, out=x)
-    x *= 0.5
-    x += 0.5
-    return x
-
-
-def _blend(a: np.ndarray, b: np.ndarray | float, t: np.ndarray) -> np.ndarray:
-    return a + (b - a) * t
 
 
 def _gauss(x: np.ndarray, width: float) -> np.ndarray:
@@ -221,43 +209,43 @@ def _anatomy(
     fibres = np.cos((2 * np.pi / 0.16) * (D + 0.04 * np.sin(2.5 * X + n1)))
     E = 0.35 * np.exp(0.35 * n0) * (1 + 0.3 * fibres)  # deep soft tissue
     strap = 0.3 * (1 + 0.6 * fibres)
-    E = _blend(E, strap, _sig((sb - D) * (1 / _EDGE)))
-    E = _blend(E, 0.6 * np.exp(0.35 * n1), _sig((fb - D) * (1 / _EDGE)))  # subcutaneous fat
-    E = _blend(E, 3.0, _sig((0.1 - D) * (1 / _EDGE)))  # skin
+    E = blend(E, strap, sigmoid_((sb - D) * (1 / _EDGE)))
+    E = blend(E, 0.6 * np.exp(0.35 * n1), sigmoid_((fb - D) * (1 / _EDGE)))  # subcutaneous fat
+    E = blend(E, 3.0, sigmoid_((0.1 - D) * (1 / _EDGE)))  # skin
     d = np.hypot(X - g["cx"], (Z - fb - 0.35) * (1 / 0.28))  # sternocleidomastoid
-    E = _blend(E, strap * 0.9, _sig((1 - d) * (0.28 / _EDGE)))
+    E = blend(E, strap * 0.9, sigmoid_((1 - d) * (0.28 / _EDGE)))
     d = np.hypot(
         (X - g["tx"] + 0.3 * g["side"]) * (1 / 0.75), (Z - g["tz"] - g["tb"] - 0.3) * (1 / 0.3)
     )
-    E = _blend(E, 0.3, _sig((1 - d) * (0.3 / _EDGE)))  # longus colli
+    E = blend(E, 0.3, sigmoid_((1 - d) * (0.3 / _EDGE)))  # longus colli
 
     mn = np.minimum(g["ta"], g["tb"])
     rl = np.hypot((X - g["tx"]) / g["ta"], (Z - g["tz"]) / g["tb"])
-    E = _blend(E, np.exp(g["het"] * n1), _sig((1 - rl) * mn / _EDGE))  # thyroid lobe
+    E = blend(E, np.exp(g["het"] * n1), sigmoid_((1 - rl) * mn / _EDGE))  # thyroid lobe
     E *= 1 + 1.2 * _gauss((rl - 1) * mn, 0.035)  # capsule
 
     sd, u, v = _nodule(X, Z, g)
     cyst = np.zeros_like(E)
     for j in range(N_BLOBS):
         db = np.hypot(u - _col(g, "blob_u", j), v - _col(g, "blob_v", j))
-        blob = _col(g, "blob_on", j) * _sig((_col(g, "blob_r", j) - db) * g["nr"] / _EDGE)
+        blob = _col(g, "blob_on", j) * sigmoid_((_col(g, "blob_r", j) - db) * g["nr"] / _EDGE)
         np.maximum(cyst, blob, out=cyst)
-    inner = _blend(g["level"] * np.exp(-g["texture"] * n0), 0.004, cyst)
+    inner = blend(g["level"] * np.exp(-g["texture"] * n0), 0.004, cyst)
     E *= 1 - 0.75 * g["halo"] * _gauss(sd - 0.04, 0.03)
     E *= 1 + 2.0 * g["wall"] * _gauss(sd, 0.03)
-    inside = _sig(sd * (-1 / (0.8 * _EDGE)))
-    E = _blend(E, inner, inside)
+    inside = sigmoid_(sd * (-1 / (0.8 * _EDGE)))
+    E = blend(E, inner, inside)
     spec, alpha = _foci(grid, g, E.shape)
     alpha += inside * (g["alpha_in"] - 0.6 * cyst)
 
     d = np.hypot(X - g["cx"], Z - g["cz"])  # carotid: anechoic lumen, bright wall, enhancement
-    lumen = _sig((g["rc"] - d) * (1 / _EDGE))
-    E = _blend(E, 0.005, lumen) * (1 + 1.5 * _gauss(d - g["rc"], 0.04))
+    lumen = sigmoid_((g["rc"] - d) * (1 / _EDGE))
+    E = blend(E, 0.005, lumen) * (1 + 1.5 * _gauss(d - g["rc"], 0.04))
     alpha -= 0.6 * lumen
     depth_in = g["rq"] - np.hypot(X - g["qx"], Z - g["qz"])  # trachea
-    air = _sig(depth_in * (1 / _EDGE))
+    air = sigmoid_(depth_in * (1 / _EDGE))
     reverb = sum(0.55**m * _gauss(depth_in - 0.3 * m, 0.06) for m in (1, 2, 3))
-    E = _blend(E, 0.03 + 2.0 * reverb, air)  # reverberations: fading copies of the wall
+    E = blend(E, 0.03 + 2.0 * reverb, air)  # reverberations: fading copies of the wall
     E += 6.0 * _gauss(depth_in, 0.05) * (g["qz"] - Z > 0)  # bright anterior wall
     alpha += 4.0 * air  # air: the shadow deepens down the lumen and stays dark behind it
     return E, alpha, spec, sd

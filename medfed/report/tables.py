@@ -18,6 +18,7 @@ from medfed.report.load import (
     INTERNAL,
     LOCAL_PREFIX,
     SITE_PREFIX,
+    Comparison,
     Study,
 )
 from medfed.report.text import (
@@ -330,16 +331,24 @@ def timing_table(study: Study) -> Table:
     )
 
 
-def _wilcoxon_table(study: Study, order: dict[str, int]) -> Table:
+def comparison_table(study: Study) -> Table:
+    """DeLong tests (classification) or Wilcoxon tests on per-image Dice (segmentation): the
+    same rows, A vs B on the same cases, with each test's own value columns."""
+    order = {n: i for i, n in enumerate(study.meta.networks)}
+    seg = study.segmentation
+
+    def values(c: Comparison) -> tuple[Cell, ...]:
+        if seg:
+            return Cell(fmt_int(c.n)), Cell(fmt_score(c.value_a)), Cell(fmt_score(c.value_b))
+        return Cell(fmt_score(c.auc_a)), Cell(fmt_score(c.auc_b))
+
     rows = tuple(
         Row(
             (
                 Cell(c.network),
                 Cell(split_label(c.split)),
                 Cell(f"{paradigm_label(c.a)} vs {paradigm_label(c.b)}"),
-                Cell(fmt_int(c.n)),
-                Cell(fmt_score(c.value_a)),
-                Cell(fmt_score(c.value_b)),
+                *values(c),
                 Cell(fmt_diff(c.difference)),
                 Cell(fmt_p(c.p_value)),
                 Cell(verdict(c.difference, c.p_value)),
@@ -347,59 +356,24 @@ def _wilcoxon_table(study: Study, order: dict[str, int]) -> Table:
         )
         for c in sorted(study.comparisons, key=lambda c: order.get(c.network, len(order)))
     )
+    value_columns = ("Images", "Mean Dice A", "Mean Dice B") if seg else ("AUC A", "AUC B")
+    columns = ("Network", "Split", "A vs B", *value_columns, "Difference", "p", "Result")
     return Table(
         key="comparisons",
-        title="Table 6. Wilcoxon signed-rank tests on per-image Dice",
-        columns=(
-            "Network",
-            "Split",
-            "A vs B",
-            "Images",
-            "Mean Dice A",
-            "Mean Dice B",
-            "Difference",
-            "p",
-            "Result",
-        ),
+        title="Table 6. Wilcoxon signed-rank tests on per-image Dice"
+        if seg
+        else "Table 6. DeLong tests for correlated ROC curves",
+        columns=columns,
         rows=rows,
         lead=1,
         merge_lead=True,
-        text_columns=(1, 2, 8),
+        text_columns=(1, 2, len(columns) - 1),
         note=(
             "Mean per-image Dice of each model on the same images; Difference = A − B; "
             "two-sided, significant at α = 0.05."
+            if seg
+            else "Difference = AUC A − AUC B; two-sided, significant at α = 0.05."
         ),
-    )
-
-
-def comparison_table(study: Study) -> Table:
-    order = {n: i for i, n in enumerate(study.meta.networks)}
-    if study.segmentation:
-        return _wilcoxon_table(study, order)
-    rows = tuple(
-        Row(
-            (
-                Cell(c.network),
-                Cell(split_label(c.split)),
-                Cell(f"{paradigm_label(c.a)} vs {paradigm_label(c.b)}"),
-                Cell(fmt_score(c.auc_a)),
-                Cell(fmt_score(c.auc_b)),
-                Cell(fmt_diff(c.difference)),
-                Cell(fmt_p(c.p_value)),
-                Cell(verdict(c.difference, c.p_value)),
-            )
-        )
-        for c in sorted(study.comparisons, key=lambda c: order.get(c.network, len(order)))
-    )
-    return Table(
-        key="comparisons",
-        title="Table 6. DeLong tests for correlated ROC curves",
-        columns=("Network", "Split", "A vs B", "AUC A", "AUC B", "Difference", "p", "Result"),
-        rows=rows,
-        lead=1,
-        merge_lead=True,
-        text_columns=(1, 2, 7),
-        note="Difference = AUC A − AUC B; two-sided, significant at α = 0.05.",
     )
 
 

@@ -170,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     frun.add_argument("--sites", type=int, required=True, help="SuperNodes to wait for")
     frun.add_argument("--out", type=Path, help="run directory on the SuperLink's machine")
     frun.add_argument("--timeout", type=float, default=600.0, help="seconds to wait per exchange")
+    frun.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation (Flower's SecAgg+): the server sees only the sites' weighted "
+        "mean; fedavg/fedprox, >= 3 sites (medfed.runtime.flower.secagg)",
+    )
+    frun.add_argument(
+        "--secagg-shares", type=int, default=3, help="SecAgg+ num_shares (odd, > 2, <= sites)"
+    )
+    frun.add_argument(
+        "--secagg-threshold",
+        type=int,
+        default=2,
+        help="SecAgg+ reconstruction threshold (< shares; tolerates shares - threshold dropouts)",
+    )
     _insecure(frun)
 
     lst = sub.add_parser("list", help="registered components")
@@ -378,11 +393,22 @@ def _cmd_flower(args: argparse.Namespace) -> int:
         node_id = commands.register(args.public_key, superlink_address=args.superlink, ca=args.ca)
         console.print(f"[green]registered[/] {args.public_key} as node {node_id}")
         return 0
-    if cmd == "run":
+    if cmd == "run" and args.secagg:
+        from medfed.runtime.flower.secagg import SecAggOptions, run_deployment
+
+        options = SecAggOptions(
+            num_shares=args.secagg_shares, reconstruction_threshold=args.secagg_threshold
+        )
+        result = run_deployment(
+            args.config, superlink_address=args.superlink, ca=args.ca, sites=args.sites,
+            out=args.out, timeout=args.timeout, options=options, insecure=args.insecure,
+        )  # fmt: skip
+    elif cmd == "run":
         result = commands.run(
             args.config, superlink_address=args.superlink, ca=args.ca, sites=args.sites,
             out=args.out, timeout=args.timeout, insecure=args.insecure,
         )  # fmt: skip
+    if cmd == "run":
         if not result.ok:
             console.print(Text.assemble(("run failed: ", "bold red"), result.details))
             print(result.log[-4000:])

@@ -51,6 +51,12 @@ class Field(StrEnum):
     COUNTS = "counts"  # segmentation: summed TP/FP/FN/TN per class, flattened (C * 4)
     MEAN_IMAGE_DICE = "mean_image_dice"
     IMAGE_DICE_SUM = "image_dice_sum"
+    # SecAgg+ (secagg/): the fit config a site needs to shape its masked upload
+    SECAGG_KEYS = "secagg-keys"  # JSON list: the state-dict keys, in the order of the arrays
+    SECAGG_MAX_WEIGHT = "secagg-max-weight"  # the protocol's max_weight (examples per round)
+    SECAGG_STEP_SCALE = "secagg-step-scale"  # integer buffers travel as delta / this
+    SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
+    SECAGG_QUANTIZATION_RANGE = "secagg-quantization-range"
 
 
 def as_int(value: object) -> int:

@@ -160,6 +160,13 @@ def run(
         "num-sites": sites,
         "timeout": timeout,
     }
+    return launch(app, run_config, env)
+
+
+def launch(
+    app: Path, run_config: Mapping[str, str | int | float | bool], env: dict[str, str]
+) -> RunResult:
+    """``flwr run`` the Flower App folder ``app`` and wait for the run's real outcome."""
     started = _run_cli(run_args(app, run_config=run_config, stream=True), env, 7 * 24 * 3600.0)
     if started.returncode != 0:
         raise FlowerDeploymentError(explain_flower_error(started.output, context="flwr run"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,16 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from medfed.config import load_config
 from medfed.engine import FederationError
 from medfed.runtime.flower.codec import as_float, as_int
-from medfed.runtime.flower.commands import DEFAULT_HOME, _connection
-from medfed.runtime.flower.deploy import (
-    FlowerDeploymentError,
-    RunStatus,
-    _run_cli,
-    explain_flower_error,
-    list_runs_args,
-    run_args,
-    run_log_args,
-)
+from medfed.runtime.flower.commands import DEFAULT_HOME, _connection, launch
 from medfed.runtime.flower.deploy import RunResult as DeploymentResult
 from medfed.runtime.flower.secagg.plan import SecAggOptions, check_secagg
 from medfed.runtime.flower.secagg.server import serve_secagg
@@ -132,17 +122,4 @@ def run_deployment(
         "timeout": timeout,
         **options_to_run_config(options),
     }
-    started = _run_cli(run_args(app_dir, run_config=run_config, stream=True), env, 7 * 24 * 3600.0)
-    if started.returncode != 0:
-        raise FlowerDeploymentError(explain_flower_error(started.output, context="flwr run"))
-    run_id = int(str(started.json()["run-id"]))
-    while True:  # `flwr run --stream` exits 0 even when the ServerApp failed
-        runs = _run_cli(list_runs_args(run_id), env, timeout=120).json().get("runs", [])
-        if isinstance(runs, list) and runs:
-            status = RunStatus(str(runs[0]["status"]))
-            if status.finished:
-                details = str(runs[0].get("status-details", ""))
-                break
-        time.sleep(1.0)
-    log = "" if status is RunStatus.COMPLETED else _run_cli(run_log_args(run_id), env, 120).output
-    return DeploymentResult(run_id, status, details, log)
+    return launch(app_dir, run_config, env)

@@ -421,7 +421,9 @@ def run_study(
     )
     if segmenting:
         console.print("[bold]Statistics[/]: bootstrap CIs over images, Wilcoxon signed-rank tests")
-        results, comps = seg.study_results(predictions, **stats_args)
+        results, comps = study_results(
+            predictions, score=seg.model_results, compare=seg.comparisons, **stats_args
+        )
     else:
         console.print("[bold]Statistics[/]: DeLong AUC CIs and tests, stratified bootstrap CIs")
         results, comps = study_results(predictions, **stats_args)

@@ -34,7 +34,6 @@ from medfed.study.stats import (
     ModelKey,
     Split,
     bootstrap_seed,
-    collect,
     paired_models,
     report_splits,
 )
@@ -194,25 +193,6 @@ def comparisons(predictions: SegPredictions, *, networks: Sequence[str]) -> list
             }
         )
     return out
-
-
-def study_results(
-    predictions: SegPredictions,
-    *,
-    networks: Sequence[str],
-    site_names: Sequence[str],
-    resamples: int,
-    level: float,
-    seed: int,
-) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict[str, Any]]]:
-    """``{network: {paradigm: {split: metrics}}}`` and the Wilcoxon comparisons."""
-
-    def score(network: str, paradigm: str, splits: Mapping[Split, SegScores]) -> Any:
-        return model_results(network, paradigm, splits, site_names=site_names,
-                             resamples=resamples, level=level, seed=seed)  # fmt: skip
-
-    results = collect(predictions, networks=networks, score=score)
-    return results, comparisons(predictions, networks=networks)
 
 
 def write_counts(path: Path, predictions: SegPredictions) -> None:

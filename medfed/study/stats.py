@@ -215,22 +215,28 @@ def comparisons(predictions: Predictions, *, networks: Sequence[str]) -> list[di
 
 
 def study_results(
-    predictions: Predictions,
+    predictions: Mapping[ModelKey, Mapping[Split, Any]],
     *,
     networks: Sequence[str],
     site_names: Sequence[str],
     resamples: int,
     level: float,
     seed: int,
+    score: Callable[..., dict[str, dict[str, Any]]] = model_results,
+    compare: Callable[..., list[dict[str, Any]]] = comparisons,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict[str, Any]]]:
-    """``{network: {paradigm: {split: metrics}}}`` and the DeLong comparisons."""
+    """``{network: {paradigm: {split: metrics}}}`` and the paired comparisons.
 
-    def score(network: str, paradigm: str, splits: Mapping[Split, SplitScores]) -> Any:
-        return model_results(network, paradigm, splits, site_names=site_names,
-                             resamples=resamples, level=level, seed=seed)  # fmt: skip
+    ``score``/``compare`` are the task's: DeLong and bootstrap here by default, Dice and
+    Wilcoxon from :mod:`medfed.study.segmentation`.
+    """
 
-    results = collect(predictions, networks=networks, score=score)
-    return results, comparisons(predictions, networks=networks)
+    def one(network: str, paradigm: str, splits: Mapping[Split, Any]) -> dict[str, Any]:
+        return score(network, paradigm, splits, site_names=site_names,
+                     resamples=resamples, level=level, seed=seed)  # fmt: skip
+
+    results = collect(predictions, networks=networks, score=one)
+    return results, compare(predictions, networks=networks)
 
 
 # --- predictions.csv ---

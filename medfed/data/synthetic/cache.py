@@ -10,14 +10,17 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 import torch
 
 from medfed.data.site import ArrayDataset
+
+T = TypeVar("T")
 
 
 def render_threads() -> int:
@@ -25,6 +28,19 @@ def render_threads() -> int:
     env = os.environ.get("MEDFED_SYNTH_THREADS")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, int(env) if env else min(8, cores or 1))
+
+
+def render_chunks(render: Callable[[int], T], n_chunks: int) -> list[T]:
+    """``[render(0), ..., render(n_chunks - 1)]`` on :func:`render_threads` threads.
+
+    Chunks draw from their own RNG streams, so threads change speed, never bytes; numpy's big
+    array kernels release the GIL, so this uses every core.
+    """
+    workers = min(n_chunks, render_threads())
+    if workers <= 1:
+        return [render(c) for c in range(n_chunks)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(render, range(n_chunks)))
 
 
 def default_cache_dir() -> Path:

@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from scipy.ndimage import gaussian_filter
 
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.data.stain import REFERENCE_IO, estimate_io, macenko_normalize
-from medfed.data.synthetic.cache import default_cache_dir, load_site, render_threads, save_site
+from medfed.data.synthetic.cache import default_cache_dir, load_site, render_chunks, save_site
 from medfed.data.synthetic.histology_sites import (
     DEFAULT_EXTERNAL,
     DEFAULT_SITES,
@@ -410,13 +409,7 @@ def generate_histology_site(
             imgs = np.stack([_jpeg(im, profile.jpeg_quality) for im in imgs])
         return imgs, masks
 
-    # Chunks are independent (own RNG streams), so threads change speed, never bytes.
-    workers = min(len(starts), render_threads())
-    if workers == 1:
-        parts = [render(c) for c in range(len(starts))]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            parts = list(pool.map(render, range(len(starts))))
+    parts = render_chunks(render, len(starts))
     images = np.concatenate([im for im, _ in parts])
     masks = np.concatenate([m for _, m in parts])
     fraction = masks.reshape(n, -1).mean(axis=1)

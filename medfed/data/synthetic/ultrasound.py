@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
 from medfed.data.site import ArrayDataset, Federation, Site
-from medfed.data.synthetic.cache import default_cache_dir, load_site, render_threads, save_site
+from medfed.data.synthetic.cache import default_cache_dir, load_site, render_chunks, save_site
 from medfed.data.synthetic.render import blend, sigmoid_
 from medfed.data.synthetic.ultrasound_sites import (
     COMPOSITION,
@@ -350,14 +349,7 @@ def generate_site(
             imgs = np.stack([_jpeg(im, profile.jpeg_quality) for im in imgs])
         return imgs, masks
 
-    # Chunks are independent (own RNG stream), so threads change speed, never bytes; numpy's big
-    # array kernels release the GIL, so this uses every core.
-    workers = min(len(starts), render_threads())
-    if workers == 1:
-        parts = [render(c) for c in range(len(starts))]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            parts = list(pool.map(render, range(len(starts))))
+    parts = render_chunks(render, len(starts))
     images = np.concatenate([im for im, _ in parts])[:, None]
     masks = np.concatenate([m for _, m in parts])
     case_ids = tuple(f"{profile.name}-{i:06d}" for i in range(n))

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from medfed.algorithms import STRATEGIES
 from medfed.client.train import resolve_device
@@ -267,6 +268,19 @@ def discover(
     return dict(sorted(site_of.items())), shape, spatial
 
 
+def discovered_model(
+    config: RunConfig, shape: Mapping[str, int], spatial: tuple[int, ...] | None
+) -> nn.Module:
+    """The run's initial model, shaped by what :func:`discover` learned from the sites."""
+    return model_for_shape(
+        config,
+        num_classes=shape[Field.NUM_CLASSES],
+        in_chans=shape[Field.IN_CHANS],
+        image_size=shape[Field.IMAGE_SIZE],
+        spatial_shape=spatial,
+    )
+
+
 def serve(
     grid: Grid,
     config: RunConfig,
@@ -283,13 +297,7 @@ def serve(
     _prepare_dir(out_dir, config, resume=False)
     nodes, shape, spatial = discover(grid, config, expected=num_sites, timeout=timeout)
     device = resolve_device(config.device)
-    model = model_for_shape(
-        config,
-        num_classes=shape[Field.NUM_CLASSES],
-        in_chans=shape[Field.IN_CHANS],
-        image_size=shape[Field.IMAGE_SIZE],
-        spatial_shape=spatial,
-    ).to(device)
+    model = discovered_model(config, shape, spatial).to(device)
     strategy = config.federation.strategy
     algorithm = STRATEGIES.create(strategy.name, strategy.options)
     runtime = FlowerRuntime(grid, nodes=nodes, config=config, timeout=timeout)

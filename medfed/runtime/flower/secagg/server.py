@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from medfed.algorithms.base import read_params
 from medfed.checkpoint import save_checkpoint, save_params
 from medfed.config import RunConfig, config_hash
-from medfed.engine import FederationError, RunResult, _prepare_dir, _summary, model_for_shape
+from medfed.engine import FederationError, RunResult, _prepare_dir, _summary
 from medfed.history import History, RoundRecord, SiteRound
 from medfed.progress import Reporter
 from medfed.runtime.flower.codec import Field, Key, as_int
@@ -45,7 +45,7 @@ from medfed.runtime.flower.secagg.plan import (
     max_examples,
     max_steps,
 )
-from medfed.runtime.flower.server import FlowerRuntime, discover
+from medfed.runtime.flower.server import FlowerRuntime, discover, discovered_model
 from medfed.seeding import numpy_rng
 from medfed.topologies.star import StarTopology
 from medfed.types import Params, StrategyState, params_nbytes
@@ -335,13 +335,7 @@ def serve_secagg(
         )
     max_weight = float(opts.max_weight or needed)
     step_scale = float(max(max_steps(n, config.train) for n in sizes.values()))
-    model = model_for_shape(
-        config,
-        num_classes=shape[Field.NUM_CLASSES],
-        in_chans=shape[Field.IN_CHANS],
-        image_size=shape[Field.IMAGE_SIZE],
-        spatial_shape=spatial,
-    )
+    model = discovered_model(config, shape, spatial)
     runtime = FlowerRuntime(grid, nodes=nodes, config=config, timeout=opts.timeout)
     reporter = Reporter(enabled=progress)
     strategy = SecAggFedAvg(

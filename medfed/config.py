@@ -20,6 +20,7 @@ from medfed.client.train import TrainOptions
 from medfed.data.sources.federation import FilesDataConfig
 from medfed.data.synthetic.histology import HistologyOptions
 from medfed.data.synthetic.ultrasound import UltrasoundOptions
+from medfed.privacy.config import PrivacyConfig
 from medfed.registry import UnknownComponentError
 from medfed.types import Paradigm, StrEnum, Task
 
@@ -163,6 +164,10 @@ class RunConfig(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     faults: list[FaultConfig] = Field(default_factory=list)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="differential privacy (privacy.dp) and encrypted aggregation (privacy.he)",
+    )
 
     @field_validator("device")
     @classmethod
@@ -172,6 +177,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _model_fits_task(self) -> RunConfig:
         check_model_task(self.model, self.task)
+        check_privacy(self.privacy, self.federation.strategy, self.paradigm)
         return self
 
 
@@ -195,6 +201,17 @@ def check_model_task(model: ModelConfig, task: Task) -> None:
                 else "classification network, e.g. medfed:smallcnn or timm:resnet50"
             )
         )
+
+
+def check_privacy(privacy: PrivacyConfig, strategy: StrategyConfig, paradigm: Paradigm) -> None:
+    """DP settings that would make a false claim are config errors (see medfed.privacy.dp)."""
+    if privacy.dp is None:
+        return
+    from medfed.privacy.dp import check_strategy
+
+    # Centralized and local-only runs train with FedAvg whatever the federation's strategy is.
+    name = strategy.name if paradigm is Paradigm.FEDERATED else "fedavg"
+    check_strategy(privacy.dp, name, strategy.options)
 
 
 def _describe(err: ValidationError) -> str:

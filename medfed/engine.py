@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfed.algorithms import STRATEGIES, Algorithm, FederationContext
+from medfed.algorithms import Algorithm, FederationContext
 from medfed.algorithms.base import read_params
 from medfed.checkpoint import load_latest, save_checkpoint, save_params
 from medfed.client.train import resolve_device
@@ -27,6 +27,7 @@ from medfed.data.site import Federation, Site
 from medfed.evaluation import PRIMARY_METRIC, Evaluator, Scorer, Scores, evaluate_external
 from medfed.history import History, RoundRecord, SiteRound
 from medfed.models.factory import create_model
+from medfed.privacy.run import RoundPrivacy, create_algorithm
 from medfed.progress import Reporter
 from medfed.runtime.inprocess import Failure, InProcessRuntime, Outcome
 from medfed.seeding import derive_seed, numpy_rng
@@ -96,7 +97,7 @@ def model_for_shape(
     shape = spatial_shape or (image_size, image_size)
     # The initial weights are part of the experiment: derive them from the seed.
     torch.manual_seed(derive_seed(config.seed, "init"))
-    return create_model(
+    model = create_model(
         config.model.name,
         num_classes=max(num_classes, 2),
         in_chans=in_chans,
@@ -105,6 +106,11 @@ def model_for_shape(
         pretrained_path=config.model.pretrained_path,
         freeze_backbone=config.model.freeze_backbone,
     )
+    if config.privacy.dp is not None:
+        from medfed.privacy.dp import make_private_model
+
+        model = make_private_model(model)  # BatchNorm -> GroupNorm: no unprotected statistics
+    return model
 
 
 def _to_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> Params:
@@ -174,7 +180,13 @@ def _train_rounds(
     device = resolve_device(config.device)
     fed = Federation(tuple(train_sites))
     model = build_model(config, fed).to(device)
-    algorithm = STRATEGIES.create(strategy_name, strategy_options)
+    algorithm = create_algorithm(
+        config,
+        num_sites=len(train_sites),
+        name=strategy_name,
+        options=strategy_options,
+        fraction=fraction,
+    )
     site_names = tuple(s.name for s in train_sites)
     runtime = InProcessRuntime(
         model=model,
@@ -248,6 +260,8 @@ def train_loop(
     hist_path = out_dir / "history.jsonl"
     history = History(hist_path)
     wall_offset = 0.0
+    privacy = RoundPrivacy.for_run(config, algorithm, site_names)
+    stopped: str | None = None
     if resume:
         ckpt = load_latest(out_dir)
         if ckpt is not None:
@@ -268,21 +282,38 @@ def train_loop(
             }
             start_round = ckpt.round_idx + 1
             wall_offset = float(ckpt.meta.get("wall_seconds", 0.0))
+            if privacy is not None:
+                privacy.restore(ckpt.meta.get("privacy"))
             history = History.resume(hist_path, upto_round=ckpt.round_idx)
         else:
             history = History.resume(hist_path, upto_round=-1)
     rounds = config.federation.rounds
+    max_norm = config.validation.max_relative_update_norm
+    if config.privacy.dp is not None and str(config.privacy.dp.mode) == "local":
+        # Local DP noise is large by design (σC per coordinate); the site's clip bounds the
+        # signal, so the relative-norm screen would reject every honest update.
+        max_norm = float("inf")
     expected = None if algorithm.uploaded_keys() is None else set(algorithm.uploaded_keys() or ())
     t_start = time.perf_counter()
     reporter.start(label, total=rounds, completed=start_round)
     for r in range(start_round, rounds):
+        if stopped:
+            break
         t0 = time.perf_counter()
         plan = topology.plan(r, site_names, numpy_rng(config.seed, "sample", r))
+        participants = list(plan.participants)
+        rejected: dict[str, str] = {}
+        if privacy is not None:
+            admission = privacy.admit(participants, min_clients=min_clients)
+            if admission.stop is not None:
+                stopped = f"round {r}: {admission.stop}"
+                reporter.warn(f"stopping: {stopped}")
+                break
+            participants, rejected = admission.participants, dict(admission.refused)
         payload = algorithm.payload(state)
         outcomes = runtime.execute(
-            r, plan.participants, global_params, payload, on_site=lambda s: reporter.site(s)
+            r, participants, global_params, payload, on_site=lambda s: reporter.site(s)
         )
-        rejected: dict[str, str] = {}
         accepted = []
         for o in outcomes:
             if isinstance(o, Failure):
@@ -292,7 +323,7 @@ def train_loop(
                 o,
                 global_params,
                 expected_keys=expected,
-                max_relative_norm=config.validation.max_relative_update_norm,
+                max_relative_norm=max_norm,
             )
             if reason is None:
                 accepted.append(o)
@@ -302,7 +333,7 @@ def train_loop(
             reporter.warn(f"round {r}: rejected update from site {site!r}: {reason}")
         if len(accepted) < min_clients:
             raise FederationError(
-                f"round {r}: only {len(accepted)} valid update(s) from {len(plan.participants)} "
+                f"round {r}: only {len(accepted)} valid update(s) from {len(participants)} "
                 f"sampled site(s), min_clients={min_clients}; rejected: "
                 + "; ".join(f"{s}: {why}" for s, why in rejected.items())
                 + (
@@ -312,16 +343,17 @@ def train_loop(
                 )
             )
         payload_bytes = sum(params_nbytes(p) for p in payload.values())
-        bytes_down = len(plan.participants) * (params_nbytes(global_params) + payload_bytes)
+        bytes_down = len(participants) * (params_nbytes(global_params) + payload_bytes)
         bytes_up = sum(
             params_nbytes(u.params) + sum(params_nbytes(x) for x in u.extras.values())
             for u in accepted
         )
         global_params, state = algorithm.aggregate(global_params, accepted, state, round_idx=r)
+        spent = None if privacy is None else privacy.record(accepted, state)
         ev = evaluate(global_params, runtime.client_states)
         record = RoundRecord(
             round=r,
-            participants=list(plan.participants),
+            participants=list(participants),
             sites={
                 u.site: SiteRound(
                     train_loss=float(u.metrics.get("train_loss", float("nan"))),
@@ -337,6 +369,7 @@ def train_loop(
             bytes_down=bytes_down,
             seconds=time.perf_counter() - t0,
             external=None if ev.external is None else dict(ev.external),
+            privacy=spent,
         )
         history.append(record)
         save_checkpoint(
@@ -350,12 +383,15 @@ def train_loop(
                 "seed": config.seed,
                 "rng": "derived per (seed, round, site) via sha256; no state to restore",
                 "wall_seconds": wall_offset + time.perf_counter() - t_start,
-            },
+            }
+            | ({} if privacy is None else {"privacy": privacy.to_meta()}),
             keep_last=config.checkpoint.keep_last,
         )
         reporter.round_done(record)
     save_params(global_params, out_dir / "final.safetensors")
     summary = _summary(history, config, chash, wall_offset + time.perf_counter() - t_start)
+    if stopped:
+        summary["stopped"] = stopped
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporter.stop()
     return RunResult(history, summary, global_params)
@@ -382,6 +418,7 @@ def _summary(history: History, config: RunConfig, chash: str, wall: float) -> di
         "external_acc": last.get("external_acc"),
         "site_val": last.get("site_val", {}),
         "rejected_rounds": rejected_total,
+        "privacy": last.get("privacy"),
         "bytes_up": sum(r["bytes_up"] for r in history),
         "bytes_down": sum(r["bytes_down"] for r in history),
         "wall_seconds": wall,

@@ -28,6 +28,7 @@ class RoundRecord:
     bytes_down: int
     seconds: float
     external: dict[str, float] | None = None
+    privacy: dict[str, Any] | None = None  # DP: ε per site so far, δ, σ, C (see medfed.privacy)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # Flat classification keys, kept in every row so readers of older histories keep working.

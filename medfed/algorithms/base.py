@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from medfed.algorithms.aggregate import fedavg_aggregate
-from medfed.client.train import TrainOptions, TrainResult, train_local
+from medfed.client.train import SampleDP, TrainOptions, TrainResult, train_local
 from medfed.data.site import ArrayDataset
 from medfed.types import Buffers, ClientState, ParamKind, Params, StrategyState, Task, Update
 
@@ -62,6 +62,7 @@ class LocalTask:
     payload: Buffers = field(default_factory=dict)  # extra server->client tensors (SCAFFOLD's c)
     client_state: ClientState = field(default_factory=dict)  # what this site kept last time
     kind: Task = Task.CLASSIFICATION  # what the network learns: the loss, and the targets
+    sample_dp: SampleDP | None = None  # DP-SGD for this round (set by medfed.privacy.dp)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,9 @@ def plain_local_update(
 ) -> LocalResult:
     """FedAvg's client half, reused by every algorithm whose client just trains locally."""
     load_params(model, task.global_params, device)
-    result = train_local(model, data, opts, generator=generator, device=device, task=task.kind)
+    result = train_local(
+        model, data, opts, generator=generator, device=device, task=task.kind, dp=task.sample_dp
+    )
     return LocalResult(weights_update(task.site, model, result))
 
 

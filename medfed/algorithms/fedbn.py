@@ -91,7 +91,9 @@ class FedBN(AlgorithmBase):
                 # Falling back to the worker model's current tensors could leak another site's BN.
                 raise ValueError(f"fedbn: no value for {k!r} in the global params or site state")
         load_params(model, start, device)
-        result = train_local(model, data, opts, generator=generator, device=device, task=task.kind)
+        result = train_local(
+            model, data, opts, generator=generator, device=device, task=task.kind, dp=task.sample_dp
+        )
         trained = read_params(model)
         update = Update(
             site=task.site,

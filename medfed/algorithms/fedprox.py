@@ -74,6 +74,7 @@ class FedProx(AlgorithmBase):
             device=device,
             loss_term=term,
             task=task.kind,
+            dp=task.sample_dp,
         )
         return LocalResult(weights_update(task.site, model, result))
 

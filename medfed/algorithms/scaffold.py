@@ -204,6 +204,7 @@ class Scaffold(AlgorithmBase):
             device=device,
             grad_hook=correct,
             task=task.kind,
+            dp=task.sample_dp,
         )
         y = read_params(model)
 

@@ -143,36 +143,26 @@ def targets(data: ArrayDataset, task: Task, *, site: str = "") -> torch.Tensor:
     return data.masks
 
 
-def train_local(
-    model: nn.Module,
-    data: ArrayDataset,
-    opts: TrainOptions,
-    *,
-    generator: torch.Generator,
-    device: torch.device,
-    loss_term: LossTerm | None = None,
-    grad_hook: GradHook | None = None,
-    task: Task = Task.CLASSIFICATION,
-) -> TrainResult:
-    """Train ``model`` in place on ``data``; all randomness comes from ``generator``."""
-    if len(data) == 0:
-        raise ValueError("cannot train on an empty dataset")
-    criterion = objective(task)
-    start = time.perf_counter()
-    model.train()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest
-    # channels_last is a 2-D layout; volumes keep the default (channels_last_3d gains little).
-    channels_last = device.type == "cuda" and opts.channels_last and data.images.ndim == 4
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, opts)
-    images, labels = data.images.to(device), targets(data, task).to(device)
-    n = len(data)
-    total_loss = torch.zeros((), device=device)
-    seen = steps = 0
+@dataclass(frozen=True)
+class SampleDP:
+    """Sample-level DP-SGD for one local round (Opacus): per-example clip, Gaussian noise."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    secure_rng: bool = False
+
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor | None]]
+"""(indices into the site's data, per-example flip flags or None), one item per optimizer step."""
+
+
+def shuffled_batches(
+    n: int, opts: TrainOptions, *, generator: torch.Generator, device: torch.device
+) -> Batches:
+    """Epochs of a fresh permutation, a fractional last pass, at most ``max_steps`` batches."""
     full_passes = math.floor(opts.epochs)
     passes = math.ceil(opts.epochs)
+    steps = 0
     for epoch in range(passes):
         # The last pass of a fractional budget stops after its share of the data.
         quota = n if epoch < full_passes else max(1, round((opts.epochs - full_passes) * n))
@@ -191,33 +181,85 @@ def train_local(
             stop = min(start + opts.batch_size, n)
             if stop - start < 2 and n > 1:
                 break  # BatchNorm cannot train on a trailing batch of one
-            idx = order[start:stop]
-            x = to_input(images[idx], device, normalize=opts.normalize)
-            y = labels[idx].long()
-            if flips is not None:
-                flip = flips[start:stop]
-                x = torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
-                if y.ndim > 1:  # a mask flips with its image
-                    y = torch.where(flip.view(-1, *([1] * (y.ndim - 1))), y.flip(-1), y)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, opts.amp):
-                loss = criterion(model(x), y)
-            if loss_term is not None:
-                loss = loss + loss_term(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_hook is not None:
-                grad_hook(model)
-            optimizer.step()
-            total_loss += loss.detach() * (stop - start)
-            seen += stop - start
+            yield order[start:stop], None if flips is None else flips[start:stop]
             in_pass += stop - start
             steps += 1
             if opts.max_steps is not None and steps >= opts.max_steps:
-                break
-        if opts.max_steps is not None and steps >= opts.max_steps:
-            break
+                return
+
+
+def train_local(
+    model: nn.Module,
+    data: ArrayDataset,
+    opts: TrainOptions,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    loss_term: LossTerm | None = None,
+    grad_hook: GradHook | None = None,
+    task: Task = Task.CLASSIFICATION,
+    dp: SampleDP | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``data``; all randomness comes from ``generator``.
+
+    With ``dp`` the batches are Poisson-sampled and each step clips and noises per-example
+    gradients through Opacus (:mod:`medfed.privacy.dpsgd`); the step itself is the same code.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    criterion = objective(task)
+    start = time.perf_counter()
+    model.train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest
+    # channels_last is a 2-D layout; volumes keep the default (channels_last_3d gains little).
+    channels_last = device.type == "cuda" and opts.channels_last and data.images.ndim == 4
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, opts)
+    images, labels = data.images.to(device), targets(data, task).to(device)
+    n = len(data)
+    amp = opts.amp
+    private = None
+    if dp is None:
+        net: nn.Module = model
+        batches = shuffled_batches(n, opts, generator=generator, device=device)
+    else:
+        from medfed.privacy.dpsgd import PrivateTraining
+
+        if loss_term is not None or grad_hook is not None:
+            raise ValueError(
+                "DP-SGD clips per-example gradients; a loss term or gradient hook would bypass "
+                "the clip (use a FedAvg-type client half)"
+            )
+        private = PrivateTraining(model, optimizer, n, opts, dp, generator=generator)
+        net, optimizer, batches = private.module, private.optimizer, private.batches(device)
+        amp = False  # per-example gradients in float32: bf16 norms would blur the clip
+    total_loss = torch.zeros((), device=device)
+    seen = steps = 0
+    for steps, (idx, flip) in enumerate(batches, start=1):  # noqa: B007
+        x = to_input(images[idx], device, normalize=opts.normalize)
+        y = labels[idx].long()
+        if flip is not None:
+            x = torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
+            if y.ndim > 1:  # a mask flips with its image
+                y = torch.where(flip.view(-1, *([1] * (y.ndim - 1))), y.flip(-1), y)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            loss = criterion(net(x), y)
+        if loss_term is not None:
+            loss = loss + loss_term(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_hook is not None:
+            grad_hook(model)
+        optimizer.step()
+        total_loss += loss.detach() * len(idx)
+        seen += len(idx)
+    if private is not None:
+        private.close()
+        steps = private.steps
     mean_loss = float(total_loss.item()) / max(seen, 1)
     return TrainResult(mean_loss, seen, steps, time.perf_counter() - start)
 

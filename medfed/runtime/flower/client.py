@@ -21,7 +21,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from medfed.algorithms import STRATEGIES
 from medfed.algorithms.base import LocalTask, load_params
 from medfed.client.train import predict_proba, resolve_device
 from medfed.config import FaultKind, RunConfig, load_config
@@ -29,6 +28,7 @@ from medfed.data.site import Site
 from medfed.engine import load_federation, model_for_shape
 from medfed.evaluation import Scorer
 from medfed.metrics.classification import accuracy, multiclass_auc
+from medfed.privacy.run import create_algorithm
 from medfed.runtime.flower.codec import (
     Field,
     Key,
@@ -132,8 +132,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, torch.devic
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, site, device, model = _setup(msg, context)
-    strategy = config.federation.strategy
-    algorithm = STRATEGIES.create(strategy.name, strategy.options)
+    algorithm = create_algorithm(config, num_sites=1)  # a site's half needs no federation size
     state = {
         k.removeprefix(Key.STATE): from_record(rec)
         for k, rec in context.state.array_records.items()

@@ -19,7 +19,6 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from medfed.algorithms import STRATEGIES
 from medfed.client.train import resolve_device
 from medfed.config import RunConfig, load_config
 from medfed.engine import (
@@ -30,6 +29,7 @@ from medfed.engine import (
     model_for_shape,
     train_loop,
 )
+from medfed.privacy.run import create_algorithm
 from medfed.progress import Reporter
 from medfed.runtime.flower.codec import (
     Field,
@@ -298,8 +298,7 @@ def serve(
     nodes, shape, spatial = discover(grid, config, expected=num_sites, timeout=timeout)
     device = resolve_device(config.device)
     model = discovered_model(config, shape, spatial).to(device)
-    strategy = config.federation.strategy
-    algorithm = STRATEGIES.create(strategy.name, strategy.options)
+    algorithm = create_algorithm(config, num_sites=len(nodes))
     runtime = FlowerRuntime(grid, nodes=nodes, config=config, timeout=timeout)
     rounds = iter(range(config.federation.rounds))
 

@@ -13,10 +13,10 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import NDArrays, Scalar
 
-from medfed.algorithms import STRATEGIES
 from medfed.algorithms.base import LocalTask
 from medfed.client.train import resolve_device
 from medfed.config import FaultKind, RunConfig
+from medfed.privacy.run import create_algorithm
 from medfed.runtime.flower import client as medfed_client
 from medfed.runtime.flower.codec import Field, Key, as_float, as_int
 from medfed.runtime.flower.secagg.plan import SecAggError
@@ -51,8 +51,7 @@ class SecAggSiteClient(NumPyClient):
         fault = fault_for(run.faults, site.name, round_idx)
         if fault is not None and fault.kind in (FaultKind.RAISE, FaultKind.DROP):
             raise InjectedFault(f"injected fault at site {site.name} ({fault.kind})")
-        strategy = run.federation.strategy
-        algorithm = STRATEGIES.create(strategy.name, strategy.options)
+        algorithm = create_algorithm(run, num_sites=1)
         task = LocalTask(
             site=site.name,
             round_idx=round_idx,

@@ -179,6 +179,13 @@ def check_secagg(
             f"strategy {name!r} cannot run under SecAgg+: {why}. Secure aggregation supports "
             f"{', '.join(sorted(SECURE_STRATEGIES))}"
         )
+    dp = config.privacy.dp
+    if dp is not None:
+        raise FederationError(
+            f"privacy.dp (mode {dp.mode}) is not supported under SecAgg+ yet: the SecAgg+ "
+            "server keeps no per-site privacy accounting, and central noise needs an aggregator "
+            "that sees the mean; run DP without --secagg"
+        )
     for fault in config.faults:
         if fault.kind in UNDETECTABLE_FAULTS:
             raise FederationError(

@@ -1,0 +1,139 @@
+"""Where privacy meets the round loop: the wrapped algorithm, and ε bookkeeping per round.
+
+The engine calls three things and knows nothing else about DP: :func:`create_algorithm` (the
+strategy, wrapped when ``privacy.dp`` is set), :meth:`RoundPrivacy.admit` before a round (sites
+whose budget is spent stop taking part) and :meth:`RoundPrivacy.record` after it (ε per site into
+``history.jsonl``). Both runtimes go through the same loop, so both get the same accounting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from medfed.algorithms import STRATEGIES, Algorithm
+from medfed.config import RunConfig
+from medfed.privacy.accounting import Event, PrivacySpend
+from medfed.privacy.config import DPMode
+from medfed.privacy.dp import CLIP_SCALAR, PrivateAlgorithm, Schedule, round_events
+from medfed.types import StrategyState, Update
+
+
+def create_algorithm(
+    config: RunConfig,
+    *,
+    num_sites: int,
+    name: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    fraction: float | None = None,
+) -> Algorithm:
+    """The run's algorithm: the named strategy (default: the config's), private when configured."""
+    strategy = config.federation.strategy
+    algo = STRATEGIES.create(name or strategy.name, strategy.options if name is None else options)
+    dp = config.privacy.dp
+    if dp is None:
+        return algo
+    schedule = Schedule(
+        rounds=config.federation.rounds,
+        fraction=config.federation.fraction if fraction is None else fraction,
+        num_sites=num_sites,
+    )
+    return PrivateAlgorithm(algo, dp, schedule=schedule, seed=config.seed)
+
+
+@dataclass(frozen=True)
+class Admission:
+    participants: list[str]
+    refused: dict[str, str]  # site -> why it may not take part
+    stop: str | None = None  # the run must end: why
+
+
+class RoundPrivacy:
+    """The server's privacy ledger for one run (ε per site), checkpointed in the run's meta."""
+
+    def __init__(self, config: RunConfig, algorithm: Algorithm, sites: Sequence[str]) -> None:
+        dp = config.privacy.dp
+        assert dp is not None and isinstance(algorithm, PrivateAlgorithm)
+        self.cfg = dp
+        self.algorithm = algorithm
+        self.sites = tuple(sites)
+        self.spend = PrivacySpend(delta=dp.delta, kind=dp.accountant)
+        self._last: dict[str, Event] = {}
+
+    @classmethod
+    def for_run(
+        cls, config: RunConfig, algorithm: Algorithm, sites: Sequence[str]
+    ) -> RoundPrivacy | None:
+        return None if config.privacy.dp is None else cls(config, algorithm, sites)
+
+    # --- checkpoint ---
+    def to_meta(self) -> dict[str, Any]:
+        return self.spend.to_json() | {"last": {s: list(e) for s, e in self._last.items()}}
+
+    def restore(self, meta: Mapping[str, Any] | None) -> None:
+        if not meta:
+            return
+        self.spend = PrivacySpend.from_json(meta)
+        last = meta.get("last", {})
+        self._last = {s: (float(z), float(q), int(n)) for s, (z, q, n) in last.items()}
+
+    # --- before a round ---
+    def _next_event(self, site: str) -> Event | None:
+        if self.cfg.mode is DPMode.CENTRAL:
+            z = self.algorithm.noise_multiplier
+            assert z is not None
+            return (z, self.algorithm.schedule.fraction, 1)
+        if self.cfg.mode is DPMode.LOCAL:
+            z = self.algorithm.noise_multiplier
+            assert z is not None
+            return (z, 1.0, 1)
+        return self._last.get(site)  # dpsgd: a site's rounds cost what its last one did
+
+    def admit(self, participants: Sequence[str], *, min_clients: int) -> Admission:
+        budget = self.cfg.budget
+        if budget is None:
+            return Admission(list(participants), {})
+        refused: dict[str, str] = {}
+        for site in participants:
+            nxt = self._next_event(site)
+            if nxt is None:
+                continue
+            after = self.spend.epsilon(site, extra=[nxt])
+            if after > budget * (1 + 1e-9):
+                spent = self.spend.epsilon(site)
+                refused[site] = (
+                    f"privacy budget spent: ε={spent:.3g} so far, another round would reach "
+                    f"{after:.3g} > {budget:g} (δ={self.cfg.delta:g})"
+                )
+        admitted = [s for s in participants if s not in refused]
+        stop = None
+        if len(admitted) < min_clients:
+            stop = (
+                f"privacy budget exhausted: {len(admitted)} site(s) may still take part, "
+                f"min_clients={min_clients}; "
+                + "; ".join(f"{s}: {why}" for s, why in sorted(refused.items()))
+            )
+        return Admission(admitted, refused, stop)
+
+    # --- after a round ---
+    def record(self, updates: Sequence[Update], state: StrategyState) -> dict[str, Any]:
+        events = round_events(self.cfg, self.algorithm, sites=self.sites, updates=updates)
+        for site, event in events.items():
+            self.spend.record(site, event)
+            self._last[site] = event
+        eps = self.spend.epsilons(self.sites)
+        return {
+            "mode": str(self.cfg.mode),
+            "delta": self.cfg.delta,
+            "accountant": str(self.cfg.accountant),
+            "epsilon": {s: _finite(e) for s, e in eps.items()},
+            "max_epsilon": _finite(max(eps.values(), default=0.0)),
+            "noise_multiplier": {s: e[0] for s, e in events.items()},
+            "clip": float(state.scalars.get(CLIP_SCALAR, self.cfg.clip)),
+        }
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else float(x)

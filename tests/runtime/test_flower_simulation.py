@@ -114,3 +114,26 @@ def test_segmentation_matches_and_pools_counts_not_masks(tmp_path):
             assert a["val"][key] == pytest.approx(b["val"][key], abs=1e-9), key
         for site, m in b["site_val"].items():
             assert a["site_val"][site]["dice"] == pytest.approx(m["dice"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "dp",
+    [
+        ["privacy.dp.mode=dpsgd", "privacy.dp.noise_multiplier=1.0"],
+        ["privacy.dp.mode=central", "privacy.dp.noise_multiplier=0.5", "privacy.dp.clip=0.5"],
+    ],
+    ids=["dpsgd", "central"],
+)
+def test_dp_runs_the_same_on_flower_with_the_same_privacy_spend(tmp_path, dp):
+    """The DP wrapper is an algorithm like any other: per-example noise at the SuperNodes (their
+    accountant history kept in the node's state) or central noise at the ServerApp reproduce the
+    simulator's model, and the server records the same ε per site."""
+    config = _config(tmp_path, "fedavg", *dp)
+    _, ref = _both(tmp_path, config)
+    ours = load_file(str(tmp_path / "flower" / "final.safetensors"))
+    for k, v in ref.final_params.items():
+        assert (ours[k].double() - v.double()).abs().max().item() <= 1e-6, k
+    rows = [json.loads(x) for x in (tmp_path / "flower" / "history.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, ref.history, strict=True):
+        assert a["privacy"]["epsilon"] == pytest.approx(b["privacy"]["epsilon"], rel=1e-12)
+        assert a["privacy"]["max_epsilon"] > 0

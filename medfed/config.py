@@ -204,7 +204,16 @@ def check_model_task(model: ModelConfig, task: Task) -> None:
 
 
 def check_privacy(privacy: PrivacyConfig, strategy: StrategyConfig, paradigm: Paradigm) -> None:
-    """DP settings that would make a false claim are config errors (see medfed.privacy.dp)."""
+    """Privacy settings that would make a false claim are config errors (medfed.privacy)."""
+    if privacy.he is not None and paradigm is Paradigm.FEDERATED:
+        from medfed.privacy.run import HE_STRATEGIES
+
+        if strategy.name not in HE_STRATEGIES:
+            raise ValueError(
+                f"privacy.he sums encrypted updates with plaintext weights: strategy "
+                f"{strategy.name!r} is not that plain weighted mean (use one of "
+                f"{', '.join(sorted(HE_STRATEGIES))})"
+            )
     if privacy.dp is None:
         return
     from medfed.privacy.dp import check_strategy

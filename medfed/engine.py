@@ -27,7 +27,7 @@ from medfed.data.site import Federation, Site
 from medfed.evaluation import PRIMARY_METRIC, Evaluator, Scorer, Scores, evaluate_external
 from medfed.history import History, RoundRecord, SiteRound
 from medfed.models.factory import create_model
-from medfed.privacy.run import RoundPrivacy, create_algorithm
+from medfed.privacy.run import EncryptedAggregation, RoundPrivacy, create_algorithm
 from medfed.progress import Reporter
 from medfed.runtime.inprocess import Failure, InProcessRuntime, Outcome
 from medfed.seeding import derive_seed, numpy_rng
@@ -261,6 +261,7 @@ def train_loop(
     history = History(hist_path)
     wall_offset = 0.0
     privacy = RoundPrivacy.for_run(config, algorithm, site_names)
+    encrypted = EncryptedAggregation.for_run(config, algorithm)
     stopped: str | None = None
     if resume:
         ckpt = load_latest(out_dir)
@@ -289,9 +290,12 @@ def train_loop(
             history = History.resume(hist_path, upto_round=-1)
     rounds = config.federation.rounds
     max_norm = config.validation.max_relative_update_norm
-    if config.privacy.dp is not None and str(config.privacy.dp.mode) == "local":
+    if encrypted is not None or (
+        config.privacy.dp is not None and str(config.privacy.dp.mode) == "local"
+    ):
         # Local DP noise is large by design (σC per coordinate); the site's clip bounds the
-        # signal, so the relative-norm screen would reject every honest update.
+        # signal, so the relative-norm screen would reject every honest update. Under HE the
+        # aggregator cannot compute a norm at all.
         max_norm = float("inf")
     expected = None if algorithm.uploaded_keys() is None else set(algorithm.uploaded_keys() or ())
     t_start = time.perf_counter()
@@ -348,7 +352,13 @@ def train_loop(
             params_nbytes(u.params) + sum(params_nbytes(x) for x in u.extras.values())
             for u in accepted
         )
-        global_params, state = algorithm.aggregate(global_params, accepted, state, round_idx=r)
+        extra: dict[str, Any] = {}
+        if encrypted is None:
+            global_params, state = algorithm.aggregate(global_params, accepted, state, round_idx=r)
+        else:
+            global_params, state, extra["he"] = encrypted.aggregate(global_params, accepted, state)
+            bytes_up = extra["he"]["bytes_up"]
+            bytes_down = len(participants) * (extra["he"]["aggregate_bytes"] + payload_bytes)
         spent = None if privacy is None else privacy.record(accepted, state)
         ev = evaluate(global_params, runtime.client_states)
         record = RoundRecord(
@@ -370,6 +380,7 @@ def train_loop(
             seconds=time.perf_counter() - t0,
             external=None if ev.external is None else dict(ev.external),
             privacy=spent,
+            extra=extra,
         )
         history.append(record)
         save_checkpoint(

@@ -67,3 +67,14 @@ def test_seg_overhead_smoke_reaches_identical_parameters(capsys):
     assert "ratio wall" in line
     diff = float(line.rsplit("max |param diff|", 1)[1])
     assert diff < 1e-5  # the same arithmetic, in the engine and in plain PyTorch
+
+
+def test_he_overhead_smoke_matches_plaintext(capsys):
+    pytest.importorskip("tenseal")
+    bench = _load("he_overhead")
+    assert bench.main(["--models", "tinycnn", "--sites", "2", "--repeats", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert line[0] == "tinycnn"
+    expansion, err = float(line[4]), float(line[-1])
+    assert expansion > 10  # CKKS ciphertexts are ~20x float32
+    assert err < 1e-6  # the encrypted round lands on plaintext FedAvg

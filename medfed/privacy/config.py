@@ -6,7 +6,7 @@ mode's threat model); ``privacy.he`` turns on CKKS-encrypted aggregation.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medfed.privacy.accounting import AccountantKind
 from medfed.types import StrEnum
@@ -77,7 +77,80 @@ class DPConfig(BaseModel):
         return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
 
 
+# Largest total coefficient-modulus bit count per polynomial degree at 128-bit security (the
+# HomomorphicEncryption.org standard, as SEAL's CoeffModulus::MaxBitCount): beyond it SEAL refuses
+# the parameters, so they are rejected here first with a message that says why.
+MAX_COEFF_BITS_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+class HEOptions(BaseModel):
+    """CKKS parameters for the sites' one-time key setup.
+
+    The defaults are TenSEAL's tutorial parameters for one multiplicative level: N = 8192
+    (4,096 values per ciphertext, 128-bit security), primes 60 | 40 40 | 60 and scale 2^40. The
+    aggregation multiplies each ciphertext once by a plaintext weight, so one level is all it
+    needs; more intermediate primes only make ciphertexts larger.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    poly_modulus_degree: int = Field(8192, ge=4096, le=32768)
+    coeff_mod_bit_sizes: list[int] = Field(default_factory=lambda: [60, 40, 40, 60], min_length=3)
+    global_scale_bits: int = Field(40, ge=20, le=59)
+
+    @field_validator("poly_modulus_degree")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"poly_modulus_degree must be a power of two, got {value}")
+        return value
+
+    @field_validator("coeff_mod_bit_sizes")
+    @classmethod
+    def _prime_sizes(cls, value: list[int]) -> list[int]:
+        bad = [b for b in value if not 20 <= b <= 60]
+        if bad:
+            raise ValueError(f"each coefficient prime must have 20..60 bits (SEAL's range): {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HEOptions:
+        sizes, scale = self.coeff_mod_bit_sizes, self.global_scale_bits
+        # The primes a rescale divides by must match the scale, or the scale drifts level by level.
+        middle = sizes[1:-1]
+        if any(b != scale for b in middle):
+            raise ValueError(
+                f"intermediate primes {middle} must all have global_scale_bits={scale} bits"
+            )
+        # After the one rescale the first prime alone must hold value * 2^scale with room to spare.
+        if sizes[0] <= scale:
+            raise ValueError(
+                f"the first prime ({sizes[0]} bits) must be larger than the scale ({scale} bits)"
+            )
+        limit = MAX_COEFF_BITS_128[self.poly_modulus_degree]
+        if sum(sizes) > limit:
+            raise ValueError(
+                f"coefficient primes total {sum(sizes)} bits; N={self.poly_modulus_degree} allows "
+                f"at most {limit} bits for 128-bit security"
+            )
+        return self
+
+
 class PrivacyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dp: DPConfig | None = Field(None, description="differential privacy; absent = off")
+    he: HEOptions | None = Field(
+        None,
+        description="CKKS-encrypted FedAvg (TenSEAL): the aggregator sums ciphertexts it cannot "
+        "read; absent = off",
+    )
+
+    @model_validator(mode="after")
+    def _compatible(self) -> PrivacyConfig:
+        if self.he is not None and self.dp is not None and self.dp.mode is DPMode.CENTRAL:
+            raise ValueError(
+                "privacy.he with privacy.dp mode central: the aggregator adds central noise to a "
+                "mean it must see, and under HE it sees none; use dp mode local or dpsgd with he"
+            )
+        return self

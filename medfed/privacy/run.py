@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from medfed.algorithms import STRATEGIES, Algorithm
@@ -18,7 +18,7 @@ from medfed.config import RunConfig
 from medfed.privacy.accounting import Event, PrivacySpend
 from medfed.privacy.config import DPMode
 from medfed.privacy.dp import CLIP_SCALAR, PrivateAlgorithm, Schedule, round_events
-from medfed.types import StrategyState, Update
+from medfed.types import Params, StrategyState, Update
 
 
 def create_algorithm(
@@ -137,3 +137,50 @@ class RoundPrivacy:
 
 def _finite(x: float) -> float | None:
     return None if math.isinf(x) else float(x)
+
+
+# Server halves that are the plain example-weighted mean with no server state beyond the round
+# count: exactly what summing ciphertexts with plaintext weights computes.
+HE_STRATEGIES = frozenset({"fedavg", "fedprox", "fedbn"})
+
+
+class EncryptedAggregation:
+    """``privacy.he``: each round's merge as sites encrypt -> aggregator sums -> a site decrypts.
+
+    The simulator plays all three roles in one process, but the aggregation step is handed only
+    the public context and ciphertext bytes (:func:`medfed.privacy.he.aggregate_encrypted` refuses
+    a secret key). Keys come from the sites' setup step at the start of the run; they are not
+    checkpointed, so a resumed run makes new ones (nothing encrypted outlives its round).
+    Update screening (non-finite values, shapes) happens before encryption, as a site would do
+    it; the aggregator cannot screen ciphertexts, so norm-based rejection is off under HE.
+    """
+
+    def __init__(self, config: RunConfig, algorithm: Algorithm) -> None:
+        from medfed.privacy.he import setup_keys
+
+        assert config.privacy.he is not None
+        self.keys = setup_keys(config.privacy.he)
+        self.expected = algorithm.uploaded_keys()
+
+    @classmethod
+    def for_run(cls, config: RunConfig, algorithm: Algorithm) -> EncryptedAggregation | None:
+        if config.privacy.he is None or str(config.paradigm) != "federated":
+            return None  # one party (centralized, local-only) has nobody to hide an update from
+        return cls(config, algorithm)
+
+    def aggregate(
+        self, global_params: Params, updates: Sequence[Update], state: StrategyState
+    ) -> tuple[Params, StrategyState, dict[str, Any]]:
+        from medfed.privacy.he import he_fedavg
+
+        new, stats = he_fedavg(global_params, updates, keys=self.keys, expected_keys=self.expected)
+        record = {
+            "bytes_up": stats.bytes_up + stats.clear_bytes_up,
+            "plaintext_bytes": stats.plaintext_bytes,
+            "aggregate_bytes": stats.aggregate_bytes,
+            "expansion": stats.expansion,
+            "encrypt_s": stats.encrypt_s,
+            "aggregate_s": stats.aggregate_s,
+            "decrypt_s": stats.decrypt_s,
+        }
+        return new, replace(state, round=state.round + 1), record

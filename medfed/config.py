@@ -22,6 +22,7 @@ from medfed.data.synthetic.histology import HistologyOptions
 from medfed.data.synthetic.ultrasound import UltrasoundOptions
 from medfed.privacy.config import PrivacyConfig
 from medfed.registry import UnknownComponentError
+from medfed.topologies.config import PeerConfig
 from medfed.types import Paradigm, StrEnum, Task
 
 M = TypeVar("M", bound=BaseModel)
@@ -167,6 +168,10 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(
         default_factory=PrivacyConfig,
         description="differential privacy (privacy.dp) and encrypted aggregation (privacy.he)",
+    )
+    peer: PeerConfig = Field(
+        default_factory=PeerConfig,
+        description="peer-to-peer exchange (paradigm: cyclic or gossip); ignored otherwise",
     )
 
     @field_validator("device")

@@ -483,6 +483,11 @@ def _run(
         raise FederationError(str(err)) from None
     reporter = Reporter(enabled=progress)
     fcfg = config.federation
+    if config.paradigm in (Paradigm.CYCLIC, Paradigm.GOSSIP):
+        from medfed.peer import run_peer  # lazy: medfed.peer imports this module
+
+        label = f"{tag}{config.paradigm}"
+        return run_peer(config, fed, out_dir=out_dir, resume=resume, reporter=reporter, label=label)
     common = dict(eval_sites=fed.sites, external=fed.external, reporter=reporter)
     if config.paradigm is Paradigm.FEDERATED:
         if fcfg.min_clients > len(fed.sites):

@@ -45,6 +45,8 @@ class Paradigm(StrEnum):
     FEDERATED = "federated"
     CENTRALIZED = "centralized"
     LOCAL = "local"
+    CYCLIC = "cyclic"  # peer-to-peer: one model visits the sites in turn (medfed.peer)
+    GOSSIP = "gossip"  # peer-to-peer: BrainTorrent-style pull-merge-train (medfed.peer)
 
 
 @dataclass(frozen=True)

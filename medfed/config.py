@@ -22,7 +22,7 @@ from medfed.data.synthetic.histology import HistologyOptions
 from medfed.data.synthetic.ultrasound import UltrasoundOptions
 from medfed.privacy.config import PrivacyConfig
 from medfed.registry import UnknownComponentError
-from medfed.topologies.config import PeerConfig
+from medfed.topologies.config import OneShotConfig, PeerConfig
 from medfed.types import Paradigm, StrEnum, Task
 
 M = TypeVar("M", bound=BaseModel)
@@ -172,6 +172,10 @@ class RunConfig(_Section):
     peer: PeerConfig = Field(
         default_factory=PeerConfig,
         description="peer-to-peer exchange (paradigm: cyclic or gossip); ignored otherwise",
+    )
+    one_shot: OneShotConfig = Field(
+        default_factory=OneShotConfig,
+        description="one-shot FedISCA (paradigm: one_shot); ignored otherwise",
     )
 
     @field_validator("device")

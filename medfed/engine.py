@@ -488,6 +488,13 @@ def _run(
 
         label = f"{tag}{config.paradigm}"
         return run_peer(config, fed, out_dir=out_dir, resume=resume, reporter=reporter, label=label)
+    if config.paradigm is Paradigm.ONE_SHOT:
+        from medfed.one_shot import run_one_shot  # lazy: medfed.one_shot imports this module
+
+        label = f"{tag}one-shot"
+        return run_one_shot(
+            config, fed, out_dir=out_dir, resume=resume, reporter=reporter, label=label
+        )
     common = dict(eval_sites=fed.sites, external=fed.external, reporter=reporter)
     if config.paradigm is Paradigm.FEDERATED:
         if fcfg.min_clients > len(fed.sites):

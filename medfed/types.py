@@ -47,6 +47,7 @@ class Paradigm(StrEnum):
     LOCAL = "local"
     CYCLIC = "cyclic"  # peer-to-peer: one model visits the sites in turn (medfed.peer)
     GOSSIP = "gossip"  # peer-to-peer: BrainTorrent-style pull-merge-train (medfed.peer)
+    ONE_SHOT = "one_shot"  # each site uploads once; the server distills (medfed.one_shot)
 
 
 @dataclass(frozen=True)

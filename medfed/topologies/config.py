@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medfed.algorithms.fedisca_synthesis import FedISCAOptions
 from medfed.topologies.cyclic import CyclicOrder
 from medfed.topologies.gossip import PullPolicy
 
@@ -30,4 +31,19 @@ class PeerConfig(BaseModel):
         PullPolicy.NEWER,
         description="gossip: pull only peers whose model changed since the last merge (newer, "
         "BrainTorrent) or every peer at every step (all)",
+    )
+
+
+class OneShotConfig(BaseModel):
+    """``paradigm: one_shot``: the distillation's settings and, optionally, per-site networks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fedisca: FedISCAOptions = Field(
+        default_factory=lambda: FedISCAOptions.preset("small"),
+        description="synthesis and distillation (published small-image defaults)",
+    )
+    teacher_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="site -> model name for heterogeneous teachers; default: the run's model",
     )

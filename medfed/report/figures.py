@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from medfed.report.load import (
     CENTRALIZED,
@@ -242,3 +243,42 @@ def site_figure(study: Study, network: str) -> bytes:
         ax.grid(axis="y", alpha=0.25)
         ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.12))
     return buf.getvalue()
+
+
+def epsilon_figure(study: Study, network: str) -> bytes | None:
+    """ε spent after each round by every DP run of ``network``, with its budget dashed.
+
+    Shows where the budget went: DP-SGD spends a little every local step, client-level DP the
+    same amount every round. ``None`` when no run recorded a per-round ε.
+    """
+    info = study.privacy.of(network)
+    hist = study.histories.get(network, {})
+    if info is None:
+        return None
+    runs = [(p, pts) for p in study.meta.paradigms if (pts := hist.get(p)) and _has_epsilon(pts)]
+    if not runs:
+        return None
+    with _figure(4.8, 3.2) as (fig, buf):
+        ax = fig.subplots()
+        for i, (p, pts) in enumerate(runs):
+            xs = [pt.round + 1 for pt in pts]
+            ys = [math.nan if pt.epsilon is None else pt.epsilon for pt in pts]
+            if p.startswith(LOCAL_PREFIX):
+                color = LOCAL_PALETTE[i % len(LOCAL_PALETTE)]
+                ax.plot(xs, ys, "-", color=color, lw=0.9, alpha=0.7, label=paradigm_label(p))
+            else:
+                color = FEDERATED_COLOR if p == FEDERATED else CENTRAL_COLOR
+                ax.plot(xs, ys, "-o", color=color, ms=3, label=paradigm_label(p))
+        if info.budget is not None:
+            ax.axhline(info.budget, color="#999999", lw=0.8, ls="--", label="Budget")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("Round")
+        ax.set_ylabel("ε (most-exposed site)")
+        ax.grid(alpha=0.25)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    return buf.getvalue()
+
+
+def _has_epsilon(points: tuple[RoundPoint, ...]) -> bool:
+    return any(pt.epsilon is not None for pt in points)

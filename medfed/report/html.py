@@ -12,8 +12,16 @@ from html import escape
 
 from medfed.report import figures
 from medfed.report.load import FEDERATED, Study
+from medfed.report.privacy_view import PRIVACY_NOTE, privacy_tables
 from medfed.report.tables import Table, all_tables
-from medfed.report.text import METRIC_LABELS, budget_sentence, fmt_date, method_note, narrative
+from medfed.report.text import (
+    METRIC_LABELS,
+    budget_sentence,
+    fmt_date,
+    method_note,
+    narrative,
+    overlay_columns,
+)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
@@ -78,8 +86,13 @@ SEGMENTATION_SECTIONS = tuple(
 """A segmentation study has no ROC curves; its example overlays take their place."""
 
 
+PRIVACY_SECTION = ("privacy", "Privacy")
+"""Only for a study in which some network trained with differential privacy."""
+
+
 def sections(study: Study) -> tuple[tuple[str, str], ...]:
-    return SEGMENTATION_SECTIONS if study.segmentation else SECTIONS
+    base = SEGMENTATION_SECTIONS if study.segmentation else SECTIONS
+    return (*base, PRIVACY_SECTION) if study.privacy.enabled else base
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -183,10 +196,7 @@ def _overlays(study: Study) -> str:
         overlay = study.overlays.get(net)
         png = overlay.png if overlay is not None else None
         problem = overlay.problem if overlay is not None else "no overlay image recorded"
-        caption = (
-            f"{name}: validation images from each site. Columns: image, ground truth, federated "
-            "prediction, centralized prediction."
-        )
+        caption = f"{name}: validation images from each site. Columns: {overlay_columns(study)}."
         fig = _figure(
             png,
             alt=f"Example segmentations by {net}",
@@ -230,6 +240,29 @@ def _figures(study: Study, kind: str) -> str:
     return f'<div class="figrow">{"".join(out)}</div>'
 
 
+def _privacy(study: Study) -> str:
+    """The ε and cost tables, then each DP network's ε per round."""
+    tables = "".join(render_table(t) for t in privacy_tables(study).values())
+    out = []
+    for net in study.meta.networks:
+        if study.privacy.of(net) is None:
+            continue
+        png = figures.epsilon_figure(study, net)
+        caption = (
+            f"{escape(net)}: ε spent by the most-exposed site after each round, per run; dashed: "
+            "the budget."
+        )
+        fig = _figure(
+            png,
+            alt=f"Privacy spent per round by {net}",
+            caption=caption,
+            placeholder=f"{escape(net)}: no per-round ε recorded",
+        )
+        out.append(f'<div class="figcell"><h3>{escape(net)}</h3>{fig}</div>')
+    note = f'<p class="note">{escape(PRIVACY_NOTE)}</p>'
+    return f'{tables}<div class="figrow">{"".join(out)}</div>{note}'
+
+
 def render_html(study: Study) -> str:
     tables = {k: render_table(t) for k, t in all_tables(study).items()}
     performance = list(tables.values())[:2]  # Tables 1 and 2, whatever the task calls them
@@ -243,6 +276,7 @@ def render_html(study: Study) -> str:
         "communication": tables["communication"],
         "timing": tables["timing"],
         "comparisons": tables["comparisons"],
+        "privacy": _privacy(study) if study.privacy.enabled else "",
     }
     body = "".join(
         f'<section id="{key}"><h2>{title}</h2>{content[key]}</section>'

@@ -27,6 +27,7 @@ from medfed.metrics.binary import Metric
 from medfed.report.fields import CI as CI
 from medfed.report.fields import RESULTS as RESULTS
 from medfed.report.fields import count, fail, get, interval, num, text, texts
+from medfed.report.privacy import StudyPrivacy, read_privacy
 from medfed.report.rounds import RoundPoint as RoundPoint
 from medfed.report.rounds import read_history
 
@@ -210,6 +211,8 @@ class Study:
     """Classification only; empty for a segmentation study."""
     histories: Mapping[str, Mapping[str, tuple[RoundPoint, ...] | None]]
     overlays: Mapping[str, Overlay] = field(default_factory=dict)
+    privacy: StudyPrivacy = field(default_factory=StudyPrivacy)
+    """ε spent per run and the cost of DP against each DP network's twin; empty without DP."""
 
     @property
     def segmentation(self) -> bool:
@@ -478,4 +481,5 @@ def load_study(directory: Path) -> Study:
         predictions={} if meta.segmentation else _predictions(directory / PREDICTIONS),
         histories=histories,
         overlays=overlays,
+        privacy=read_privacy(raw, meta.networks),
     )

@@ -10,8 +10,9 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from medfed.report.load import Study
+from medfed.report.privacy_view import PRIVACY_NOTE, privacy_tables
 from medfed.report.tables import Table, all_tables
-from medfed.report.text import budget_sentence, fmt_date, method_note, narrative
+from medfed.report.text import budget_sentence, fmt_date, method_note, narrative, overlay_columns
 
 _BACKSLASHED = str.maketrans({c: "\\" + c for c in "\\|*_`"})
 
@@ -66,8 +67,7 @@ def _overlays(study: Study) -> list[str]:
             out.append(f"_{escape_md(f'{net}: {problem}')}_")
         out.append("")
     out += [
-        "_Validation images from each site. Columns: image, ground truth, federated prediction, "
-        "centralized prediction._",
+        f"_Validation images from each site. Columns: {escape_md(overlay_columns(study))}._",
         "",
     ]
     return out
@@ -121,4 +121,8 @@ def render_markdown(study: Study) -> str:
             out += [render_table(tables[key]), ""]
         if heading == "Performance" and study.segmentation:
             out += _overlays(study)
+    if study.privacy.enabled:
+        out += ["## Privacy", ""]
+        out += [x for t in privacy_tables(study).values() for x in (render_table(t), "")]
+        out += [f"_{escape_md(PRIVACY_NOTE)}_", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -8,6 +8,8 @@ are read:
 - new classification rows: the same, plus ``val: {"auc", "acc"}`` and ``external: {...} | null``;
 - segmentation rows: ``val: {"dice", "jaccard", "pixel_acc", "mean_image_dice"}``, ``external``
   likewise (or null), and ``val_auc``/``external_auc`` null.
+
+Any row may carry ``privacy: {"max_epsilon", ...}`` (a DP run), read as the ε spent so far.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class RoundPoint:
     val: Mapping[str, float]
     external: Mapping[str, float]
     train_loss: float | None
+    epsilon: float | None = None
+    """ε spent so far by the most-exposed site (DP runs only)."""
 
     def score(self, split: str, metric: str) -> float | None:
         """``split`` is ``"val"`` (internal validation) or ``"external"``; ``None`` if unrecorded."""
@@ -82,11 +86,13 @@ def _train_loss(row: Mapping[str, Any]) -> float | None:
 def parse_round(row: Mapping[str, Any], index: int) -> RoundPoint:
     """``index`` stands in for a missing ``round`` field (rows are written in round order)."""
     number = finite(row.get("round"))
+    privacy = row.get("privacy")
     return RoundPoint(
         round=int(number) if number is not None else index,
         val=_scores(row, "val"),
         external=_scores(row, "external"),
         train_loss=_train_loss(row),
+        epsilon=finite(privacy.get("max_epsilon")) if isinstance(privacy, Mapping) else None,
     )
 
 

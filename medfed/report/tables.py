@@ -34,6 +34,7 @@ from medfed.report.text import (
     fmt_seconds,
     paradigm_label,
     split_label,
+    training_label,
     verdict,
 )
 
@@ -113,7 +114,7 @@ def _by_model(study: Study, *, key: str, title: str, metrics: tuple[str, ...], n
         Row(
             (
                 Cell(net),
-                Cell(paradigm_label(p)),
+                Cell(training_label(study, net, p)),
                 *(_metric_cell(study, net, p, s, m) for s in splits for m in metrics),
             ),
             highlight=p == FEDERATED,
@@ -128,6 +129,8 @@ def _by_model(study: Study, *, key: str, title: str, metrics: tuple[str, ...], n
         for _ in splits
         for m in metrics
     )
+    if study.privacy.enabled:
+        note += " ε: privacy spent by a DP network's most-exposed site (see Privacy)."
     return Table(
         key=key,
         title=title,

@@ -9,6 +9,8 @@ distances (HD95, in pixels) keep one.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from datetime import datetime
 
 from medfed.report.load import (
@@ -21,6 +23,7 @@ from medfed.report.load import (
     SITE_PREFIX,
     Study,
 )
+from medfed.report.privacy import ParadigmCost
 
 DASH = "—"
 ALPHA = 0.05
@@ -42,6 +45,11 @@ METRIC_LABELS = {
     "pixel_acc": "Pixel accuracy",
     "mean_image_dice": "Mean per-image Dice",
     "hd95": "HD95 (px)",
+}
+DP_MODES = {
+    "local": "client-level local DP",
+    "central": "client-level central DP",
+    "dpsgd": "sample-level DP-SGD",
 }
 
 
@@ -110,6 +118,38 @@ def fmt_bytes(n: float | None) -> str:
         if abs(n) >= scale:
             return f"{n / scale:,.2f} {unit}"
     return f"{n:,.0f} B"
+
+
+def fmt_epsilon(x: float | None) -> str:
+    """ε with two decimals (7.99 reached of a budget of 8.00): enough to see a budget was not
+    exceeded, no more than an accountant's bound deserves."""
+    if x is None or math.isnan(x):
+        return DASH
+    return "∞" if math.isinf(x) else (f"{x:,.0f}" if x >= 100 else f"{x:.2f}")
+
+
+def fmt_delta(x: float | None) -> str:
+    """δ as it is written in papers: ``1e-5``, not ``1e-05``."""
+    if x is None or math.isnan(x):
+        return DASH
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{x:.3g}")
+
+
+def fmt_sigma(per_site: Mapping[str, float]) -> str:
+    """σ of a run: one number, or the range when each site calibrated its own (DP-SGD)."""
+    if not per_site:
+        return DASH
+    lo, hi = min(per_site.values()), max(per_site.values())
+    return f"{lo:.3g}" if math.isclose(lo, hi, rel_tol=1e-3) else f"{lo:.3g}–{hi:.3g}"
+
+
+def training_label(study: Study, network: str, paradigm: str) -> str:
+    """The paradigm, with the ε it spent when ``network`` trained with DP."""
+    info = study.privacy.of(network)
+    spent = info.spent.get(paradigm) if info is not None else None
+    if spent is None:
+        return paradigm_label(paradigm)
+    return f"{paradigm_label(paradigm)} (ε = {fmt_epsilon(spent.epsilon)})"
 
 
 def paradigm_label(paradigm: str) -> str:
@@ -252,12 +292,83 @@ def _versus_central(study: Study, net: str) -> list[str]:
     return parts
 
 
+def _effect(drop: float | None, metric: str) -> str:
+    label = METRIC_LABELS[metric]
+    if drop is None or round(drop, 3) == 0:
+        return f"left {label} unchanged"
+    amount = fmt_metric(metric, abs(drop)).replace("%", " percentage points")
+    return f"{'cost' if drop > 0 else 'gained'} {amount} {label}"
+
+
+def _relative(relative: float | None) -> str:
+    if relative is None or round(relative, 1) == 0:
+        return ""
+    return f"; {abs(relative):.1f}% {'lower' if relative > 0 else 'higher'}"
+
+
+def _cost_sentence(study: Study, twin: str, pc: ParadigmCost) -> str | None:
+    """One pooled paradigm's cost of DP in the headline metric, internal then external."""
+    metric = study.headline
+    internal = pc.splits.get(INTERNAL, {}).get(metric)
+    if pc.paradigm.startswith(LOCAL_PREFIX) or internal is None:
+        return None  # local-only models are in the table; five of them would drown the point
+    text = (
+        f"Training {twin} {paradigm_label(pc.paradigm).lower()} with "
+        f"{DP_MODES.get(pc.mode or '', pc.mode or 'DP')} "
+        f"(ε = {fmt_epsilon(pc.epsilon)} at δ = {fmt_delta(pc.delta)}) "
+        f"{_effect(internal.drop, metric)} on internal validation "
+        f"({fmt_metric(metric, internal.without_dp)} without DP, "
+        f"{fmt_metric(metric, internal.with_dp)} with{_relative(internal.relative_pct)})"
+    )
+    external = pc.splits.get(EXTERNAL, {}).get(metric)
+    if external is not None and external.drop is not None:
+        text += (
+            f" and {_effect(external.drop, metric)} on external validation "
+            f"({study.meta.external_site}: {fmt_metric(metric, external.without_dp)} without DP, "
+            f"{fmt_metric(metric, external.with_dp)} with{_relative(external.relative_pct)})"
+        )
+    return text + "."
+
+
+def privacy_sentences(study: Study, network: str) -> list[str]:
+    """What DP cost ``network`` against its twin (the same model without DP), in words; for a
+    twin, which DP network it is the reference of."""
+    info = study.privacy.of(network)
+    if info is None:
+        return [
+            f"Trained without DP as the reference for {c.network} (the same model with DP)."
+            for c in study.privacy.costs
+            if c.twin == network
+        ]
+    cost = study.privacy.cost(network)
+    out = []
+    if cost is not None:
+        out = [x for pc in cost.paradigms if (x := _cost_sentence(study, cost.twin, pc))]
+    else:
+        reached = ", ".join(
+            f"{paradigm_label(p).lower()} ε = {fmt_epsilon(s.epsilon)} at δ = {fmt_delta(s.delta)}"
+            for p, s in info.spent.items()
+            if s is not None and not p.startswith(LOCAL_PREFIX)
+        )
+        out.append(
+            f"Trained with {DP_MODES.get(info.mode or '', info.mode or 'DP')}"
+            + (f" ({reached})" if reached else "")
+            + "; no network in this study trains the same model without DP, so what DP cost "
+            "is not measured."
+        )
+    for paradigm, why in info.stopped.items():
+        out.append(f"The {paradigm_label(paradigm).lower()} run stopped early: {why}.")
+    return out
+
+
 def narrative(study: Study) -> list[tuple[str, str]]:
     """Per network, ``(name, paragraph)``: plain, unescaped sentences built from the numbers."""
     out = []
     for net in study.meta.networks:
+        private = privacy_sentences(study, net)
         if not study.has(FEDERATED):
-            out.append((net, "This study trained no federated model; see the tables below."))
+            parts = ["This study trained no federated model; see the tables below.", *private]
+            out.append((net, " ".join(parts)))
             continue
         parts = _versus_central(study, net) if study.has(CENTRALIZED) else []
         for split in study.meta.splits:
@@ -266,6 +377,7 @@ def narrative(study: Study) -> list[tuple[str, str]]:
                 parts.append(f"On {where}, {t}.")
         if own := _own_sites(study, net):
             parts.append(own)
+        parts += private
         out.append((net, " ".join(parts) or "No comparison is available for this network."))
     return out
 
@@ -293,6 +405,13 @@ def method_note(study: Study) -> str:
         f"{boot.seed}). Decision threshold: "
         f"{m.threshold_rule}."
     )
+
+
+def overlay_columns(study: Study) -> str:
+    """The columns of an overlay figure: the study draws the federated and centralized models it
+    trained, in that order."""
+    shown = [f"{p} prediction" for p in (FEDERATED, CENTRALIZED) if study.has(p)]
+    return ", ".join(["image", "ground truth", *shown])
 
 
 def budget_sentence(study: Study) -> str:

@@ -29,13 +29,17 @@ from medfed.config import (
     ValidationConfig,
     _Section,
     check_model_task,
+    check_privacy,
     read_yaml,
     validate_tree,
 )
+from medfed.privacy.config import PrivacyConfig
 from medfed.types import Paradigm, Task
 
 # Top-level keys of results.json besides the networks; a network may not be called like these.
-RESERVED_KEYS = frozenset({"comparisons", "timing", "config_hash", "meta"})
+RESERVED_KEYS = frozenset({"comparisons", "timing", "config_hash", "meta", "privacy"})
+# Paradigms the study runner can train, score and compare so far.
+STUDY_PARADIGMS = (Paradigm.CENTRALIZED, Paradigm.FEDERATED, Paradigm.LOCAL)
 # Options the study derives from its budget; setting them by hand would break equal budgets.
 DERIVED_TRAIN_OPTIONS = frozenset({"epochs", "max_steps"})
 
@@ -46,6 +50,11 @@ class NetworkSpec(_Section):
     train: dict[str, Any] = Field(
         default_factory=dict,
         description="per-network changes to the study's shared train options, e.g. {lr: 0.01}",
+    )
+    privacy: PrivacyConfig | None = Field(
+        None,
+        description="replaces the study's privacy for this network, so one study can train the "
+        "same model with and without DP (privacy: {} turns a study-wide DP off here)",
     )
 
     @field_validator("label")
@@ -104,6 +113,10 @@ class StudyConfig(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="differential privacy for every network (a network's own privacy replaces it)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
@@ -120,11 +133,24 @@ class StudyConfig(_Section):
         for net in self.networks:
             try:
                 check_model_task(net.model, self.task)
+                # Every run the study will start, checked now: not after hours of training.
+                for paradigm in self.paradigms:
+                    check_privacy(self.privacy_of(net), self.federation.strategy, paradigm)
             except ValueError as err:
                 raise ValueError(f"network {net.label!r}: {err}") from None
         if len(set(self.paradigms)) != len(self.paradigms):
             raise ValueError(f"paradigms listed twice: {[str(p) for p in self.paradigms]}")
+        unsupported = [str(p) for p in self.paradigms if p not in STUDY_PARADIGMS]
+        if unsupported:
+            raise ValueError(
+                f"paradigms {unsupported} cannot be compared in a study yet (run them with "
+                f"`medfed run`); a study supports {', '.join(str(p) for p in STUDY_PARADIGMS)}"
+            )
         return self
+
+    def privacy_of(self, network: NetworkSpec) -> PrivacyConfig:
+        """The privacy ``network`` trains with: its own if it sets one, else the study's."""
+        return network.privacy if network.privacy is not None else self.privacy
 
     def epochs_per_round(self, paradigm: Paradigm) -> float:
         rounds = self.federation.rounds
@@ -147,6 +173,7 @@ class StudyConfig(_Section):
             federation=self.federation,
             validation=self.validation,
             checkpoint=self.checkpoint,
+            privacy=self.privacy_of(network),
         )
 
 

@@ -40,6 +40,7 @@ from medfed.study.config import (
     load_study_config,
 )
 from medfed.study.overlays import Example, pick_examples, write_overlays
+from medfed.study.privacy import privacy_cost, privacy_meta
 from medfed.study.stats import (
     ModelKey,
     Split,
@@ -208,9 +209,11 @@ def _overlays(
     *,
     per_site: int,
 ) -> str | None:
-    """The overlay figure of ``network``; ``None`` unless both federated and centralized ran."""
-    keys = {"federated": str(Paradigm.FEDERATED), "centralized": str(Paradigm.CENTRALIZED)}
-    if not all(k in models for k in keys.values()):
+    """The overlay figure of ``network``: federated and centralized predictions side by side
+    (whichever of them the study trained); ``None`` if neither."""
+    pairs = (("federated", Paradigm.FEDERATED), ("centralized", Paradigm.CENTRALIZED))
+    keys = {title: str(p) for title, p in pairs if str(p) in models}
+    if not keys:
         return None
     examples = []
     for site in (*fed.sites, *([fed.external] if fed.external is not None else [])):
@@ -470,6 +473,12 @@ def run_study(
     else:
         doc["meta"]["threshold_rule"] = THRESHOLD_RULE
         write_predictions(out_dir / "predictions.csv", predictions)
+    # Every run's summary.json sits beside its history.jsonl (local-only: one per site).
+    run_dirs = {
+        n: {k: (out_dir / rel).parent for k, rel in h.items()} for n, h in histories.items()
+    }
+    doc["meta"]["privacy"] = privacy_meta(config, run_dirs)
+    doc["privacy"] = privacy_cost(doc)
     (out_dir / "results.json").write_text(json.dumps(doc, indent=2, allow_nan=False))
     html = md = None
     if report:

@@ -113,6 +113,17 @@ def model_for_shape(
     return model
 
 
+def run_scorer(config: RunConfig, fed: Federation, device: torch.device) -> Scorer:
+    """How the run's models are scored: the task's metrics, the run's eval batch and inputs."""
+    return Scorer(
+        config.task,
+        device=device,
+        batch_size=config.train.eval_batch_size,
+        normalize=config.train.normalize,
+        num_classes=fed.num_outputs(config.task),
+    )
+
+
 def _to_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> Params:
     return {k: v.to(device) for k, v in tensors.items()}
 
@@ -198,13 +209,7 @@ def _train_rounds(
         faults=[f for f in config.faults if f.site in site_names],
         task=config.task,
     )
-    scorer = Scorer(
-        config.task,
-        device=device,
-        batch_size=config.train.eval_batch_size,
-        normalize=config.train.normalize,
-        num_classes=fed.num_outputs(config.task),
-    )
+    scorer = run_scorer(config, fed, device)
     evaluator = Evaluator(eval_sites, scorer=scorer)
 
     def evaluate(global_params: Params, client_states: Mapping[str, ClientState]) -> RoundEval:

@@ -29,7 +29,7 @@ from medfed.checkpoint import save_params
 from medfed.client.train import resolve_device
 from medfed.config import ModelConfig, RunConfig, config_hash
 from medfed.data.site import Federation
-from medfed.evaluation import PRIMARY_METRIC, Evaluator, Scorer, evaluate_external
+from medfed.evaluation import PRIMARY_METRIC, Evaluator, evaluate_external
 from medfed.history import History, RoundRecord, SiteRound
 from medfed.privacy.run import create_algorithm
 from medfed.progress import Reporter
@@ -74,7 +74,13 @@ def run_one_shot(
     label: str,
 ) -> RunResult:
     """Train every site once, distill on the server."""
-    from medfed.engine import FederationError, _prepare_dir, _train_rounds, build_model
+    from medfed.engine import (
+        FederationError,
+        _prepare_dir,
+        _train_rounds,
+        build_model,
+        run_scorer,
+    )
     from medfed.engine import RunResult as Result
 
     if config.task is not Task.CLASSIFICATION:
@@ -124,13 +130,7 @@ def run_one_shot(
     t0 = time.perf_counter()
     reporter.start(f"{label} distillation", total=1)
     student = build_model(config, fed).to(device)
-    scorer = Scorer(
-        config.task,
-        device=device,
-        batch_size=config.train.eval_batch_size,
-        normalize=config.train.normalize,
-        num_classes=fed.num_outputs(config.task),
-    )
+    scorer = run_scorer(config, fed, device)
     evaluator = Evaluator(fed.sites, scorer=scorer)
     plain = create_algorithm(config, num_sites=len(fed.sites), name="fedavg", options={})
     primary = PRIMARY_METRIC[config.task]

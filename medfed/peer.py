@@ -31,7 +31,7 @@ import torch
 from medfed.algorithms.base import LocalTask, load_params, read_params
 from medfed.checkpoint import Checkpoint, load_latest, save_checkpoint, save_params
 from medfed.client.train import resolve_device
-from medfed.config import FaultKind, RunConfig, config_hash
+from medfed.config import RunConfig, config_hash
 from medfed.data.site import Federation
 from medfed.engine import (
     FederationError,
@@ -40,12 +40,13 @@ from medfed.engine import (
     _summary,
     _to_device,
     build_model,
+    run_scorer,
 )
-from medfed.evaluation import Evaluator, Scorer, Scores, evaluate_external
+from medfed.evaluation import Evaluator, Scores, evaluate_external
 from medfed.history import History, RoundRecord, SiteRound
 from medfed.privacy.run import create_algorithm
 from medfed.progress import Reporter
-from medfed.runtime.inprocess import Failure, InjectedFault, apply_fault, fault_for, local_round
+from medfed.runtime.inprocess import Failure, apply_fault, fault_for, guarded_round
 from medfed.seeding import numpy_rng
 from medfed.topologies import cyclic, gossip
 from medfed.types import (
@@ -182,13 +183,7 @@ class _Peers:
         self.data = {k: v.to(device) for k, v in data.items()} if device.type == "cuda" else data
         self.weights = {s.name: float(len(s.train)) for s in fed.sites}
         self.faults = [f for f in config.faults if f.site in self.sites]
-        self.scorer = Scorer(
-            config.task,
-            device=device,
-            batch_size=config.train.eval_batch_size,
-            normalize=config.train.normalize,
-            num_classes=fed.num_outputs(config.task),
-        )
+        self.scorer = run_scorer(config, fed, device)
         self.evaluator = Evaluator(fed.sites, scorer=self.scorer)
         self.external = fed.external
 
@@ -199,23 +194,19 @@ class _Peers:
         the configured faults, which are given per round as in the star loop.
         """
         fault = fault_for(self.faults, site, round_idx)
-        if fault is not None and fault.kind is FaultKind.DROP:
-            return Failure(site, "dropped out: no reply")
         task = LocalTask(site=site, round_idx=step, global_params=start, kind=self.config.task)
-        try:
-            if fault is not None and fault.kind is FaultKind.RAISE:
-                raise InjectedFault(f"injected fault at site {site}")
-            result = local_round(
-                self.algorithm,
-                self.model,
-                task,
-                self.data[site],
-                self.config.train,
-                device=self.device,
-                seed=self.config.seed,
-            )
-        except Exception as err:  # a site's failure must not take its peers down
-            return Failure(site, f"client raised {type(err).__name__}: {err}")
+        result = guarded_round(
+            self.algorithm,
+            self.model,
+            task,
+            self.data[site],
+            self.config.train,
+            device=self.device,
+            seed=self.config.seed,
+            fault=fault,
+        )
+        if isinstance(result, Failure):
+            return result
         update = result.update if fault is None else apply_fault(result.update, fault, start)
         reason = validate_update(
             update,

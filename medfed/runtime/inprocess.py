@@ -87,6 +87,30 @@ def local_round(
     return algorithm.local_update(model, task, data, opts, generator=generator, device=device)
 
 
+def guarded_round(
+    algorithm: Algorithm,
+    model: nn.Module,
+    task: LocalTask,
+    data: ArrayDataset,
+    opts: TrainOptions,
+    *,
+    device: torch.device,
+    seed: int,
+    fault: FaultConfig | None,
+) -> LocalResult | Failure:
+    """:func:`local_round` as a site runs it inside a federation: a configured dropout or an
+    exception costs that site its round (a :class:`Failure` naming why), never the federation."""
+    site = task.site
+    if fault is not None and fault.kind is FaultKind.DROP:
+        return Failure(site, "dropped out: no reply")
+    try:
+        if fault is not None and fault.kind is FaultKind.RAISE:
+            raise InjectedFault(f"injected fault at site {site}")
+        return local_round(algorithm, model, task, data, opts, device=device, seed=seed)
+    except Exception as err:  # a site's failure must not take the federation down
+        return Failure(site, f"client raised {type(err).__name__}: {err}")
+
+
 class InProcessRuntime:
     def __init__(
         self,
@@ -130,10 +154,6 @@ class InProcessRuntime:
         for site in participants:
             if on_site is not None:
                 on_site(site)
-            fault = self._fault(site, round_idx)
-            if fault is not None and fault.kind is FaultKind.DROP:
-                outcomes.append(Failure(site, "dropped out: no reply"))
-                continue
             task = LocalTask(
                 site=site,
                 round_idx=round_idx,
@@ -142,20 +162,19 @@ class InProcessRuntime:
                 client_state=self.client_states.get(site, {}),
                 kind=self.task,
             )
-            try:
-                if fault is not None and fault.kind is FaultKind.RAISE:
-                    raise InjectedFault(f"injected fault at site {site}")
-                result = local_round(
-                    self.algorithm,
-                    self.model,
-                    task,
-                    self.data[site],
-                    self.opts,
-                    device=self.device,
-                    seed=self.seed,
-                )
-            except Exception as err:  # a site's failure must not take the federation down
-                outcomes.append(Failure(site, f"client raised {type(err).__name__}: {err}"))
+            fault = self._fault(site, round_idx)
+            result = guarded_round(
+                self.algorithm,
+                self.model,
+                task,
+                self.data[site],
+                self.opts,
+                device=self.device,
+                seed=self.seed,
+                fault=fault,
+            )
+            if isinstance(result, Failure):
+                outcomes.append(result)
                 continue
             self.client_states[site] = result.client_state
             update = result.update

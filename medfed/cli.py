@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _insecure(frun)
 
+    from medfed.privacy.audit import add_audit_parser
+
+    add_audit_parser(sub)
+
     lst = sub.add_parser("list", help="registered components")
     lst.add_argument("what", choices=["strategies", "models"])
     return parser
@@ -452,6 +456,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from medfed.privacy.audit import cmd_audit
+
+    return cmd_audit(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from medfed.config import ConfigError
@@ -465,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": _cmd_data,
         "flower": _cmd_flower,
         "list": _cmd_list,
+        "audit": _cmd_audit,
     }
     try:
         return handlers[args.command](args)

@@ -47,7 +47,10 @@ def test_defaults_and_overrides_parse_yaml_scalars():
         ),
         (["model.name=medfed:resnet9000"], "unknown model 'medfed:resnet9000'; allowed: "),
         (["train.lr=-1"], "train.lr: Input should be greater than 0"),
-        (["paradigm=pooled"], "paradigm: Input should be 'federated', 'centralized', 'local', 'cyclic' or 'gossip'"),
+        (
+            ["paradigm=pooled"],
+            "paradigm: Input should be 'federated', 'centralized', 'local', 'cyclic' or 'gossip'",
+        ),
         (["device=tpu"], "device must be"),
         (["federation.rounds"], "--set expects KEY=VALUE"),
     ],

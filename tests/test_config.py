@@ -49,7 +49,7 @@ def test_defaults_and_overrides_parse_yaml_scalars():
         (["train.lr=-1"], "train.lr: Input should be greater than 0"),
         (
             ["paradigm=pooled"],
-            "paradigm: Input should be 'federated', 'centralized', 'local', 'cyclic' or 'gossip'",
+            "paradigm: Input should be 'federated', 'centralized', 'local', 'cyclic', 'gossip' or 'one_shot'",
         ),
         (["device=tpu"], "device must be"),
         (["federation.rounds"], "--set expects KEY=VALUE"),

@@ -15,19 +15,21 @@ of one batch, or the weight delta of one local SGD step on it - and tries to rec
   Adam on the *signs* of the pixel gradients, step decay at 3/8, 5/8 and 7/8 of each stage, the
   pixels boxed to [0, 1], and several random restarts of which the lowest final loss wins.
   One addition: a coarse-to-fine pyramid (``AttackOptions.pyramid``). The image is optimised at
-  1/4, then 1/2, then full size (bilinear upsampling inside the forward pass), with the step size
-  doubled per coarser level. On the synthetic ultrasound the full-resolution attack falls into
-  speckle-like local minima (SSIM ~0.1); the pyramid finds the anatomy first (measured: mean SSIM
-  0.17 -> 0.25 over four seeds, small GroupNorm CNN at 32 px).
+  1/8, 1/4, 1/2, then full size (bilinear upsampling inside the forward pass), the step size
+  doubled per coarser level. At full resolution alone the attack falls into speckle-like local
+  minima; the pyramid finds the anatomy first (measured, trained GroupNorm CNN at 64 px, same
+  budget: SSIM 0.08 -> 0.25; doubling the coarse steps: mean 0.17 -> 0.24 over four seeds).
 
-What it can and cannot do (measured on the synthetic thyroid data, batch 1): on ``smallcnn_gn``
-(the form DP runs train, BatchNorm -> GroupNorm) it recovers the coarse anatomy - dark vessel and
-nodule, bright tissue - at SSIM ~0.2-0.4; the speckle is not recovered. On ``smallcnn`` with
-BatchNorm it fails (SSIM ~0): a site trains in train mode, where BatchNorm on a single image
-normalises every channel over its own few pixels (2 x 2 at the last block of a 32 px image), and
-the gradient becomes a chaotic function of the pixels. That is a weakness of this attack, not a
-privacy guarantee (the running statistics a BatchNorm update carries leak per-channel moments,
-and other attacks exist); DP's bound holds for every attack.
+What it can and cannot do (measured on the synthetic thyroid data, batch 1, default options):
+on ``smallcnn_gn`` (the form DP runs train: BatchNorm -> GroupNorm) it recovers the anatomy -
+nodule, vessel, shadow, the dark banner - at SSIM 0.23-0.29 (64 px, new or trained model), and
+0.04 or less from the DP update. The speckle is not recovered, and SSIM counts it: the original
+blurred by a 2 px Gaussian, all anatomy and no speckle, scores about 0.4. On ``smallcnn`` with
+BatchNorm it fails (SSIM < 0.05 without DP): a site trains in train mode, where BatchNorm on one
+image normalises each channel over its own few pixels (4 x 4 at the last block of a 64 px
+image), and the gradient becomes a chaotic function of the pixels. That is a weakness of this
+attack, not a privacy guarantee (the running statistics a BatchNorm update carries leak
+per-channel moments, and other attacks exist); DP's bound holds for every attack.
 
 Faithfulness choices:
 

@@ -32,7 +32,6 @@ noise, and the engine records ε per site each round.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -56,6 +55,7 @@ from medfed.privacy.transforms import (
     add_gaussian_noise,
     chain,
     delta_of,
+    noise_generator,
 )
 from medfed.seeding import torch_generator
 from medfed.types import Buffers, ClientState, ParamKind, Params, StrategyState, Update
@@ -151,13 +151,6 @@ def calibrated_noise(
     )
 
 
-def _noise_generator(generator: torch.Generator, *, secure: bool) -> torch.Generator:
-    if secure:
-        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator().manual_seed(seed)
-
-
 DP_GROUP = "dp"  # payload group carrying this round's clip bound C to the sites
 CLIP_SCALAR = "dp.clip"
 
@@ -211,7 +204,7 @@ class PrivateAlgorithm:
         inner_state, clip = self._split(state)
         new_clip = clip
         if self.cfg.mode is DPMode.CENTRAL and updates:
-            gen = _noise_generator(
+            gen = noise_generator(
                 torch_generator(self.seed, "dp-central", round_idx), secure=self.cfg.secure_rng
             )
             unclipped = [float(u.metrics.get("dp_unclipped", 1.0)) for u in updates]
@@ -306,8 +299,7 @@ class PrivateAlgorithm:
             planned: Event = (sigma, rate, steps_per_round(len(data), opts))
         else:
             sample_dp = None
-            assert self.noise_multiplier is not None
-            planned = (self.noise_multiplier, 1.0, 1)
+            planned = self.client_level_event()
         self._check_budget(task.site, spent, planned)
         inner_task = replace(task, payload=payload, client_state=client_state, sample_dp=sample_dp)
         result = self.inner.local_update(
@@ -316,7 +308,7 @@ class PrivateAlgorithm:
         update = result.update
         ctx = TransformContext(
             global_params=task.global_params,
-            generator=_noise_generator(generator, secure=self.cfg.secure_rng),
+            generator=noise_generator(generator, secure=self.cfg.secure_rng),
         )
         metrics = dict(update.metrics)
         if self.cfg.mode is DPMode.LOCAL:
@@ -324,12 +316,11 @@ class PrivateAlgorithm:
             update = chain(ClipL2(clip), GaussianNoise(self.noise_multiplier * clip))(update, ctx)
             # The raw norm and the clipped bit are functions of the data: they stay here.
             update = replace(update, metrics=metrics)
-            event = planned
         elif self.cfg.mode is DPMode.CENTRAL:
             update = ClipL2(clip)(update, ctx)  # the trusted aggregator adds the noise
-            event = planned
-        else:
-            event = planned  # Poisson draws are fixed in advance; an empty one still counts
+        # dpsgd: Poisson draws are fixed in advance, so the planned event is what was spent (an
+        # empty draw still counts).
+        event = planned
         kept = dict(result.client_state)
         if self.cfg.mode is not DPMode.CENTRAL:
             update = replace(
@@ -338,6 +329,13 @@ class PrivateAlgorithm:
             # The site's own accountant: it refuses to overspend even if a server asks it to.
             kept[DP_GROUP] = {"history": _history_tensor([*spent, event])}
         return LocalResult(update, kept)
+
+    def client_level_event(self) -> Event:
+        """One round of client-level DP as the accountant sees it: a full-data Gaussian step
+        (local), or one step of the subsampled Gaussian at the sampled share of sites (central)."""
+        assert self.noise_multiplier is not None
+        rate = self.schedule.fraction if self.cfg.mode is DPMode.CENTRAL else 1.0
+        return (self.noise_multiplier, rate, 1)
 
     def site_noise(self, n: int, opts: TrainOptions) -> float:
         """dpsgd's σ for a site of ``n`` images (calibrated once per size when targeting ε)."""
@@ -413,9 +411,7 @@ def round_events(
     local/dpsgd: each contributing site spends what its own accountant recorded.
     """
     if cfg.mode is DPMode.CENTRAL:
-        assert algorithm.noise_multiplier is not None
-        z, q = algorithm.noise_multiplier, algorithm.schedule.fraction
-        return {s: (z, q, 1) for s in sites}
+        return dict.fromkeys(sites, algorithm.client_level_event())
     return {u.site: event_of(u) for u in updates if EVENT_KEYS[0] in u.metrics}
 
 

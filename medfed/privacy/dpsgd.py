@@ -11,7 +11,6 @@ what leaves the site.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.client.train import SampleDP, TrainOptions
+from medfed.privacy.transforms import noise_generator
 
 # Opacus' hooks fire on the first layer, whose input needs no gradient: expected, not a problem.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -45,15 +45,8 @@ class PrivateTraining:
         self.total_steps = min(total, opts.max_steps) if opts.max_steps is not None else total
         self.steps = 0
         self.opts = opts
-        sampler_gen = torch.Generator().manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=generator))
-        )
-        if dp.secure_rng:
-            noise_gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        else:
-            noise_gen = torch.Generator().manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=generator))
-            )
+        sampler_gen = noise_generator(generator, secure=False)  # which examples: reproducible
+        noise_gen = noise_generator(generator, secure=dp.secure_rng)
         self._flip_gen = generator
         index = DataLoader(
             TensorDataset(torch.arange(n)), batch_size=opts.batch_size, generator=sampler_gen

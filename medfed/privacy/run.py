@@ -81,14 +81,8 @@ class RoundPrivacy:
 
     # --- before a round ---
     def _next_event(self, site: str) -> Event | None:
-        if self.cfg.mode is DPMode.CENTRAL:
-            z = self.algorithm.noise_multiplier
-            assert z is not None
-            return (z, self.algorithm.schedule.fraction, 1)
-        if self.cfg.mode is DPMode.LOCAL:
-            z = self.algorithm.noise_multiplier
-            assert z is not None
-            return (z, 1.0, 1)
+        if self.cfg.mode is not DPMode.DPSGD:
+            return self.algorithm.client_level_event()
         return self._last.get(site)  # dpsgd: a site's rounds cost what its last one did
 
     def admit(self, participants: Sequence[str], *, min_clients: int) -> Admission:

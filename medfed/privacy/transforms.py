@@ -15,6 +15,7 @@ them out would leave an unprotected channel. DP runs therefore replace BatchNorm
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -34,6 +35,14 @@ class TransformContext:
 
 class UpdateTransform(Protocol):
     def __call__(self, update: Update, ctx: TransformContext) -> Update: ...
+
+
+def noise_generator(generator: torch.Generator, *, secure: bool) -> torch.Generator:
+    """A fresh generator for noise: seeded from ``generator`` (reproducible research runs) or,
+    with ``secure``, from the OS's entropy (deployments; nothing about it is reproducible)."""
+    if secure:
+        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
 
 
 def delta_of(update: Update, global_params: Params) -> Params:

@@ -46,6 +46,8 @@ lint: $(VENV)/.test
 bench: $(VENV)/.base
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/gpu_throughput.py
+	$(PIP) install -qq -e '.[bench]'  # Flower's simulation engine (Ray) for vs_flower.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

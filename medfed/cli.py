@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     from medfed.privacy.audit import add_audit_parser
 
     add_audit_parser(sub)
+    from medfed.cli_audit import add_parsers as add_ledger_parsers
+
+    add_ledger_parsers(sub)  # keys new, ledger verify|show
 
     lst = sub.add_parser("list", help="registered components")
     lst.add_argument("what", choices=["strategies", "models"])
@@ -477,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list": _cmd_list,
         "audit": _cmd_audit,
     }
+    from medfed.cli_audit import HANDLERS as ledger_handlers
+
+    handlers |= ledger_handlers
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medfed.audit.config import LedgerConfig
 from medfed.client.train import TrainOptions
 from medfed.data.sources.federation import FilesDataConfig
 from medfed.data.synthetic.histology import HistologyOptions
@@ -145,6 +146,40 @@ class FaultConfig(_Section):
     factor: float = 100.0
 
 
+class VectorizeMode(StrEnum):
+    AUTO = "auto"
+    OFF = "off"
+    ON = "on"
+
+
+class RuntimeConfig(_Section):
+    """How the in-process simulator carries a round (results agree within float tolerance)."""
+
+    vectorize: VectorizeMode = Field(
+        VectorizeMode.AUTO,
+        description="train a round's clients as one vmapped computation: auto on a GPU where it "
+        "applies and at least vector_min_clients sites take the same number of steps; on: on "
+        "any device, and an unsupported setup is an error naming why; off: one site at a time",
+    )
+    vector_min_clients: int = Field(
+        8, ge=1, description="auto: fewest sites of equal step count worth vectorising"
+    )
+    vector_chunk: int = Field(
+        256, ge=1, description="most sites per vmapped computation (bounds activation memory)"
+    )
+    site_metrics: bool = Field(
+        True,
+        description="score each site's validation split every round; false: pooled validation "
+        "only (federations of hundreds of sites, when no site uses a personal model)",
+    )
+
+    @field_validator("vectorize", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: object) -> object:
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
 class CheckpointConfig(_Section):
     keep_last: int = Field(2, ge=1)
 
@@ -165,6 +200,10 @@ class RunConfig(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     faults: list[FaultConfig] = Field(default_factory=list)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig,
+        description="in-process simulator: vectorised client training, per-site evaluation",
+    )
     privacy: PrivacyConfig = Field(
         default_factory=PrivacyConfig,
         description="differential privacy (privacy.dp) and encrypted aggregation (privacy.he)",
@@ -176,6 +215,10 @@ class RunConfig(_Section):
     one_shot: OneShotConfig = Field(
         default_factory=OneShotConfig,
         description="one-shot FedISCA (paradigm: one_shot); ignored otherwise",
+    )
+    ledger: LedgerConfig = Field(
+        default_factory=LedgerConfig,
+        description="the signed, hash-chained ledger of every update (medfed.audit)",
     )
 
     @field_validator("device")

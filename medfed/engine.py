@@ -19,18 +19,20 @@ import torch
 from torch import nn
 
 from medfed.algorithms import Algorithm, FederationContext
-from medfed.algorithms.base import read_params
+from medfed.algorithms.base import load_params, read_params
+from medfed.audit.run import RunLedger
+from medfed.build import build_model, load_federation, run_scorer
 from medfed.checkpoint import load_latest, save_checkpoint, save_params
 from medfed.client.train import resolve_device
-from medfed.config import DataConfig, DataSource, RunConfig, config_hash, dump_config
+from medfed.config import RunConfig, config_hash, dump_config
 from medfed.data.site import Federation, Site
-from medfed.evaluation import PRIMARY_METRIC, Evaluator, Scorer, Scores, evaluate_external
-from medfed.history import History, RoundRecord, SiteRound
-from medfed.models.factory import create_model
+from medfed.evaluation import PRIMARY_METRIC, Evaluator, Scores, evaluate_external
+from medfed.history import History, RoundRecord, SiteRound, run_summary
 from medfed.privacy.run import EncryptedAggregation, RoundPrivacy, create_algorithm
 from medfed.progress import Reporter
 from medfed.runtime.inprocess import Failure, InProcessRuntime, Outcome
-from medfed.seeding import derive_seed, numpy_rng
+from medfed.runtime.vectorized import run_mode
+from medfed.seeding import numpy_rng
 from medfed.topologies.star import StarTopology
 from medfed.types import Buffers, ClientState, Paradigm, Params, params_nbytes
 from medfed.validation import validate_update
@@ -45,83 +47,6 @@ class RunResult:
     history: History
     summary: dict[str, Any]
     final_params: Params
-
-
-def load_federation(data: DataConfig) -> tuple[Federation, dict[str, Any] | None]:
-    """The configured federation, and for real data the load report (counts, skipped files)."""
-    if data.source is DataSource.FILES:
-        from medfed.data.sources.federation import build_files_federation
-
-        assert data.files is not None  # the config validator guarantees it
-        fed, report = build_files_federation(data.files)
-        return fed, report.to_json()
-    if data.source is DataSource.SYNTHETIC_HISTOLOGY:
-        from medfed.data.synthetic.histology import synthesize_histology_federation
-
-        return synthesize_histology_federation(data.histology, cache_dir=data.cache_dir), None
-    from medfed.data.synthetic.ultrasound import synthesize_federation
-
-    # cache_dir None -> $MEDFED_CACHE_DIR or ~/.cache/medfed (the generator decides, in one place)
-    return synthesize_federation(data.ultrasound, cache_dir=data.cache_dir), None
-
-
-def build_federation(config: RunConfig) -> Federation:
-    return load_federation(config.data)[0]
-
-
-def build_model(config: RunConfig, federation: Federation) -> nn.Module:
-    site = federation.sites[0]
-    shape = site.train.spatial_shape if len(site.train) else site.val.spatial_shape
-    return model_for_shape(
-        config,
-        num_classes=federation.num_outputs(config.task),
-        in_chans=federation.in_chans,
-        image_size=shape[-1],
-        spatial_shape=shape,
-    )
-
-
-def model_for_shape(
-    config: RunConfig,
-    *,
-    num_classes: int,
-    in_chans: int,
-    image_size: int,
-    spatial_shape: tuple[int, ...] | None = None,
-) -> nn.Module:
-    """The run's initial model; a server that holds no data learns the shape from the sites.
-
-    ``spatial_shape`` (H, W) or (D, H, W) decides 2-D or 3-D; without it the input is a square
-    ``image_size`` image.
-    """
-    shape = spatial_shape or (image_size, image_size)
-    # The initial weights are part of the experiment: derive them from the seed.
-    torch.manual_seed(derive_seed(config.seed, "init"))
-    model = create_model(
-        config.model.name,
-        num_classes=max(num_classes, 2),
-        in_chans=in_chans,
-        image_size=shape,
-        spatial_dims=len(shape),
-        pretrained_path=config.model.pretrained_path,
-        freeze_backbone=config.model.freeze_backbone,
-    )
-    if config.privacy.dp is not None:
-        from medfed.privacy.dp import make_private_model
-
-        model = make_private_model(model)  # BatchNorm -> GroupNorm: no unprotected statistics
-    return model
-
-
-def run_scorer(config: RunConfig, fed: Federation, device: torch.device) -> Scorer:
-    """How the run's models are scored: the task's metrics, the run's eval batch and inputs."""
-    return Scorer(
-        config.task,
-        device=device,
-        batch_size=config.train.eval_batch_size,
-        normalize=config.train.normalize,
-        num_classes=fed.num_outputs(config.task),
-    )
 
 
 def _to_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> Params:
@@ -208,11 +133,23 @@ def _train_rounds(
         seed=config.seed,
         faults=[f for f in config.faults if f.site in site_names],
         task=config.task,
+        vectorize=run_mode(config.runtime.vectorize, device),
+        vector_min_clients=config.runtime.vector_min_clients,
+        vector_chunk=config.runtime.vector_chunk,
     )
     scorer = run_scorer(config, fed, device)
     evaluator = Evaluator(eval_sites, scorer=scorer)
 
     def evaluate(global_params: Params, client_states: Mapping[str, ClientState]) -> RoundEval:
+        if not config.runtime.site_metrics and all(
+            algorithm.personalize(global_params, cs) is global_params
+            for cs in client_states.values()
+        ):
+            # Pooled validation only: a federation of hundreds of sites, everyone on one model.
+            load_params(model, global_params, scorer.device)
+            val = scorer.metrics(evaluator.pooled, scorer.cases(model, evaluator.pooled))
+            ext = evaluate_external(model, global_params, external, scorer=scorer)
+            return RoundEval(val, {}, ext)
         val, site_val = evaluator(model, algorithm, global_params, client_states)
         ext = evaluate_external(model, global_params, external, scorer=scorer)
         return RoundEval(val, site_val, ext)
@@ -267,6 +204,9 @@ def train_loop(
     wall_offset = 0.0
     privacy = RoundPrivacy.for_run(config, algorithm, site_names)
     encrypted = EncryptedAggregation.for_run(config, algorithm)
+    ledger = RunLedger.for_run(
+        config, out_dir, site_names=site_names, runtime=runtime, config_hash=chash
+    )
     stopped: str | None = None
     if resume:
         ckpt = load_latest(out_dir)
@@ -293,6 +233,13 @@ def train_loop(
             history = History.resume(hist_path, upto_round=ckpt.round_idx)
         else:
             history = History.resume(hist_path, upto_round=-1)
+    if ledger is not None:  # a resumed run continues the same chain (medfed.audit.run)
+        ledger.begin(
+            last_round=start_round - 1,
+            strategy=algorithm.name,
+            runtime_name=type(runtime).__name__,
+            sites=site_names,
+        )
     rounds = config.federation.rounds
     max_norm = config.validation.max_relative_update_norm
     if encrypted is not None or (
@@ -319,6 +266,9 @@ def train_loop(
                 reporter.warn(f"stopping: {stopped}")
                 break
             participants, rejected = admission.participants, dict(admission.refused)
+        if ledger is not None:  # simulated sites check the chain they are sent, or refuse
+            rejected |= ledger.deliver(participants)
+            participants = [s for s in participants if s not in rejected]
         payload = algorithm.payload(state)
         outcomes = runtime.execute(
             r, participants, global_params, payload, on_site=lambda s: reporter.site(s)
@@ -327,6 +277,9 @@ def train_loop(
         for o in outcomes:
             if isinstance(o, Failure):
                 rejected[o.site] = o.reason
+                continue
+            if ledger is not None and (why := ledger.admit(r, o)) is not None:
+                rejected[o.site] = why  # no valid site signature over what arrived
                 continue
             reason = validate_update(
                 o,
@@ -365,6 +318,15 @@ def train_loop(
             bytes_up = extra["he"]["bytes_up"]
             bytes_down = len(participants) * (extra["he"]["aggregate_bytes"] + payload_bytes)
         spent = None if privacy is None else privacy.record(accepted, state)
+        if ledger is not None:
+            ledger.round(
+                r,
+                global_params=global_params,
+                strategy=algorithm.name,
+                included=[u.site for u in accepted],
+                rejected=rejected,
+                privacy=spent,
+            )
         ev = evaluate(global_params, runtime.client_states)
         record = RoundRecord(
             round=r,
@@ -388,7 +350,7 @@ def train_loop(
             extra=extra,
         )
         history.append(record)
-        save_checkpoint(
+        ckpt_dir = save_checkpoint(
             out_dir,
             round_idx=r,
             global_params=global_params,
@@ -403,43 +365,23 @@ def train_loop(
             | ({} if privacy is None else {"privacy": privacy.to_meta()}),
             keep_last=config.checkpoint.keep_last,
         )
+        if ledger is not None:
+            ledger.checkpoint(r, ckpt_dir)
         reporter.round_done(record)
     save_params(global_params, out_dir / "final.safetensors")
-    summary = _summary(history, config, chash, wall_offset + time.perf_counter() - t_start)
+    if ledger is not None:
+        ledger.end(
+            rounds=len(history),
+            global_params=global_params,
+            final=out_dir / "final.safetensors",
+            stopped=stopped,
+        )
+    summary = run_summary(history, config, chash, wall_offset + time.perf_counter() - t_start)
     if stopped:
         summary["stopped"] = stopped
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporter.stop()
     return RunResult(history, summary, global_params)
-
-
-def _summary(history: History, config: RunConfig, chash: str, wall: float) -> dict[str, Any]:
-    last = history.last or {}
-    rejected_total: dict[str, int] = {}
-    for row in history:
-        for site in row["rejected"]:
-            rejected_total[site] = rejected_total.get(site, 0) + 1
-    return {
-        "name": config.name,
-        "paradigm": str(config.paradigm),
-        "task": str(config.task),
-        "strategy": config.federation.strategy.name,
-        "model": config.model.name,
-        "rounds": len(history),
-        "val": last.get("val", {}),
-        "external": last.get("external"),
-        "val_auc": last.get("val_auc"),
-        "val_acc": last.get("val_acc"),
-        "external_auc": last.get("external_auc"),
-        "external_acc": last.get("external_acc"),
-        "site_val": last.get("site_val", {}),
-        "rejected_rounds": rejected_total,
-        "privacy": last.get("privacy"),
-        "bytes_up": sum(r["bytes_up"] for r in history),
-        "bytes_down": sum(r["bytes_down"] for r in history),
-        "wall_seconds": wall,
-        "config_hash": chash,
-    }
 
 
 def run(

@@ -6,7 +6,10 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medfed.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,33 @@ class History:
         hist = cls(None)
         hist.records = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
         return hist
+
+
+def run_summary(history: History, config: RunConfig, chash: str, wall: float) -> dict[str, Any]:
+    """``summary.json`` of a finished run: the last round's scores and the run's totals."""
+    last = history.last or {}
+    rejected_total: dict[str, int] = {}
+    for row in history:
+        for site in row["rejected"]:
+            rejected_total[site] = rejected_total.get(site, 0) + 1
+    return {
+        "name": config.name,
+        "paradigm": str(config.paradigm),
+        "task": str(config.task),
+        "strategy": config.federation.strategy.name,
+        "model": config.model.name,
+        "rounds": len(history),
+        "val": last.get("val", {}),
+        "external": last.get("external"),
+        "val_auc": last.get("val_auc"),
+        "val_acc": last.get("val_acc"),
+        "external_auc": last.get("external_auc"),
+        "external_acc": last.get("external_acc"),
+        "site_val": last.get("site_val", {}),
+        "rejected_rounds": rejected_total,
+        "privacy": last.get("privacy"),
+        "bytes_up": sum(r["bytes_up"] for r in history),
+        "bytes_down": sum(r["bytes_down"] for r in history),
+        "wall_seconds": wall,
+        "config_hash": chash,
+    }

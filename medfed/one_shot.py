@@ -193,9 +193,9 @@ def run_one_shot(
     history = History(hist_path)
     history.append(record)
     save_params(final, out_dir / "final.safetensors")
-    from medfed.engine import _summary
+    from medfed.history import run_summary
 
-    summary = _summary(history, config, config_hash(config), time.perf_counter() - t_start)
+    summary = run_summary(history, config, config_hash(config), time.perf_counter() - t_start)
     summary["one_shot"] = record.extra["one_shot"] | {"bytes_per_site_up": upload // len(fed.sites)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporter.round_done(record)

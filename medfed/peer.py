@@ -37,13 +37,12 @@ from medfed.engine import (
     FederationError,
     RunResult,
     _prepare_dir,
-    _summary,
     _to_device,
     build_model,
     run_scorer,
 )
 from medfed.evaluation import Evaluator, Scores, evaluate_external
-from medfed.history import History, RoundRecord, SiteRound
+from medfed.history import History, RoundRecord, SiteRound, run_summary
 from medfed.privacy.run import create_algorithm
 from medfed.progress import Reporter
 from medfed.runtime.inprocess import Failure, apply_fault, fault_for, guarded_round
@@ -444,7 +443,7 @@ def run_peer(
         reporter.round_done(record)
     final = gossip.consensus(state.models, peers.weights)
     save_params(final, out_dir / "final.safetensors")
-    summary = _summary(history, config, chash, wall_offset + time.perf_counter() - t_start)
+    summary = run_summary(history, config, chash, wall_offset + time.perf_counter() - t_start)
     summary[PEER_KEY] = _peer_summary(history, str(config.paradigm))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporter.stop()

@@ -117,3 +117,13 @@ def make_seg_volume_federation(
         )
         sites.append(Site.from_dataset(f"site{s}", data, seed=s))
     return Federation(tuple(sites))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that pins torch to one thread must not change the arithmetic of later tests (the
+    reduction order, and so the last bits, depend on the thread count)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

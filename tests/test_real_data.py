@@ -65,8 +65,8 @@ def test_run_on_png_sites_with_patient_level_splits(tmp_path):
     assert report["h1"]["n_train"] + report["h1"]["n_val"] == 30
     assert summary["data"]["label_names"] == ["benign", "malignant"]
     # patient-level split: no patient's images on both sides (patients from the manifests)
+    from medfed.build import build_federation
     from medfed.config import load_config
-    from medfed.engine import build_federation
 
     fed = build_federation(load_config(out / "config.yaml"))
     for site in fed.sites:

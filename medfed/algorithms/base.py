@@ -24,7 +24,7 @@ derives what it needs from the ``model`` it is handed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -126,9 +126,14 @@ def read_params(model: nn.Module) -> Params:
 
 
 def weights_update(site: str, model: nn.Module, result: TrainResult) -> Update:
+    return params_update(site, read_params(model), result)
+
+
+def params_update(site: str, params: Params, result: TrainResult) -> Update:
+    """The weights a site uploads after plain local training (sequential or vectorised)."""
     return Update(
         site=site,
-        params=read_params(model),
+        params=params,
         kind=ParamKind.WEIGHTS,
         num_examples=result.num_examples,
         metrics={"train_loss": result.loss, "steps": float(result.num_steps)},
@@ -150,6 +155,65 @@ def plain_local_update(
         model, data, opts, generator=generator, device=device, task=task.kind, dp=task.sample_dp
     )
     return LocalResult(weights_update(task.site, model, result))
+
+
+# --- the client half in vectorisable form (medfed.runtime.vectorized) ---
+
+
+class NotVectorizable(Exception):
+    """This client half or setup cannot train as one batched computation; the message says why."""
+
+
+LossTermFn = Callable[[Params, Params], torch.Tensor]
+"""(one site's trainable params, the global trainable params) -> scalar added to its batch loss."""
+
+GradTermFn = Callable[[Params, Params], Params]
+"""(gradients stacked over sites (K, ...), per-site aux stacked alike) -> corrected gradients."""
+
+Finish = Callable[["LocalTask", "LocalTask", Params, TrainResult, torch.Generator], "LocalResult"]
+"""(task as received, task as trained, trained params, training result, the site's generator
+after training) -> the site's result, exactly as its sequential client half would return it."""
+
+
+def _same_task(task: LocalTask, data: ArrayDataset) -> LocalTask:
+    return task
+
+
+@dataclass(frozen=True)
+class VectorStep:
+    """A client half as ``train_local``'s plain loop plus pure, vmappable additions.
+
+    The vectorised runtime trains many sites at once with the arithmetic of ``train_local``:
+    ``options`` are the local options actually trained with (SCAFFOLD drops momentum),
+    ``loss_term`` is the ``loss_term`` hook in functional form, ``grad_term`` the ``grad_hook``,
+    and ``aux`` the per-site tensors it needs. ``admit`` runs the site-side checks before
+    training (raising costs that site its round, as sequentially) and returns the task training
+    sees. Each algorithm module declares its own step next to its sequential client half.
+    """
+
+    options: TrainOptions
+    finish: Finish
+    admit: Callable[[LocalTask, ArrayDataset], LocalTask] = _same_task
+    aux: Callable[[LocalTask, torch.device], Params] | None = None
+    loss_term: LossTermFn | None = None
+    grad_term: GradTermFn | None = None
+
+
+class Vectorizable(Protocol):
+    def vector_step(self, opts: TrainOptions) -> VectorStep:
+        """This algorithm's client half for ``opts``; raises :class:`NotVectorizable`."""
+        ...
+
+
+def plain_finish(
+    task: LocalTask, trained: LocalTask, params: Params, result: TrainResult, _: torch.Generator
+) -> LocalResult:
+    return LocalResult(params_update(task.site, params, result))
+
+
+def plain_vector_step(opts: TrainOptions) -> VectorStep:
+    """FedAvg's client half (plain local training) in vectorisable form."""
+    return VectorStep(options=opts, finish=plain_finish)
 
 
 # --- model structure, read from modules rather than guessed from key names ---
@@ -232,6 +296,14 @@ class AlgorithmBase:
         device: torch.device,
     ) -> LocalResult:
         return plain_local_update(model, task, data, opts, generator=generator, device=device)
+
+    def vector_step(self, opts: TrainOptions) -> VectorStep:
+        # A subclass with its own client half must declare its own vectorised form.
+        if type(self).local_update is not AlgorithmBase.local_update:
+            raise NotVectorizable(
+                f"strategy {self.name!r} has its own client half without a vectorised form"
+            )
+        return plain_vector_step(opts)
 
     def personalize(self, global_params: Params, client_state: ClientState) -> Params:
         return global_params

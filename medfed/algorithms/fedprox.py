@@ -17,12 +17,16 @@ from medfed.algorithms.base import (
     AlgorithmBase,
     LocalResult,
     LocalTask,
+    LossTermFn,
+    VectorStep,
     load_params,
+    plain_finish,
     weights_update,
 )
 from medfed.algorithms.registry import STRATEGIES
 from medfed.client.train import LossTerm, TrainOptions, train_local
 from medfed.data.site import ArrayDataset
+from medfed.types import Params
 
 
 class FedProxOptions(BaseModel):
@@ -42,6 +46,18 @@ def proximal_term(model: nn.Module, mu: float) -> LossTerm:
         total = torch.zeros((), device=pairs[0][0].device) if pairs else torch.zeros(())
         for p, anchor in pairs:
             total = total + (p - anchor).pow(2).sum()
+        return total * (mu / 2.0)
+
+    return term
+
+
+def proximal_loss(mu: float) -> LossTermFn:
+    """:func:`proximal_term` as a pure function of (site params, global params), for vmap."""
+
+    def term(params: Params, anchor: Params) -> torch.Tensor:
+        total = torch.zeros(())
+        for key, p in params.items():
+            total = total + (p - anchor[key]).pow(2).sum()
         return total * (mu / 2.0)
 
     return term
@@ -77,6 +93,13 @@ class FedProx(AlgorithmBase):
             dp=task.sample_dp,
         )
         return LocalResult(weights_update(task.site, model, result))
+
+    def vector_step(self, opts: TrainOptions) -> VectorStep:
+        mu = self.options.mu
+        # mu == 0 installs no term, as sequentially: FedProx(0) stays FedAvg bit for bit.
+        return VectorStep(
+            options=opts, finish=plain_finish, loss_term=proximal_loss(mu) if mu > 0 else None
+        )
 
 
 STRATEGIES.register("fedprox", options=FedProxOptions)(FedProx)

@@ -51,13 +51,15 @@ from medfed.algorithms.base import (
     FederationContext,
     LocalResult,
     LocalTask,
+    NotVectorizable,
+    VectorStep,
     check_context,
     load_params,
     read_params,
     trainable_keys,
 )
 from medfed.algorithms.registry import STRATEGIES
-from medfed.client.train import TrainOptions, train_local
+from medfed.client.train import TrainOptions, TrainResult, train_local
 from medfed.data.site import ArrayDataset
 from medfed.types import Buffers, ClientState, ParamKind, Params, StrategyState, StrEnum, Update
 
@@ -168,25 +170,15 @@ class Scaffold(AlgorithmBase):
         generator: torch.Generator,
         device: torch.device,
     ) -> LocalResult:
-        if opts.optimizer != "sgd":
-            raise ValueError(
-                f"scaffold needs plain SGD local steps, got optimizer={opts.optimizer!r}"
-            )
-        c = task.payload.get(SERVER_CONTROL)
-        if c is None:
-            raise ValueError("scaffold: the task carries no server control variate 'c'")
+        check_optimizer(opts)
         keys = control_keys(model)
+        c, c_i = site_controls(task)
         if set(c) != set(keys):
             raise ValueError("scaffold: server control variate keys do not match the model")
-        c_i = task.client_state.get(CLIENT_CONTROL) or {k: torch.zeros_like(c[k]) for k in keys}
 
         load_params(model, task.global_params, device)
-        x = {k: task.global_params[k] for k in keys}
         named = dict(model.named_parameters(remove_duplicate=False))
-        corrections = [
-            (named[k], (to_compute(c[k]) - to_compute(c_i[k])).to(device, named[k].dtype))
-            for k in keys
-        ]
+        corrections = [(named[k], correction(c, c_i, k).to(device, named[k].dtype)) for k in keys]
 
         def correct(_: nn.Module) -> None:
             for p, d in corrections:
@@ -195,49 +187,113 @@ class Scaffold(AlgorithmBase):
                 else:
                     p.grad.add_(d)
 
-        plain = opts.model_copy(update={"momentum": 0.0}) if opts.momentum else opts
         result = train_local(
             model,
             data,
-            plain,
+            plain_sgd(opts),
             generator=generator,
             device=device,
             grad_hook=correct,
             task=task.kind,
             dp=task.sample_dp,
         )
-        y = read_params(model)
+        return control_result(task, read_params(model), result, opts)
 
-        steps, lr = result.num_steps, opts.lr
-        c_i_new: Params = {}
-        delta_c: Params = {}
-        for k in keys:
-            ci = to_compute(c_i[k]).cpu()
-            if steps > 0:
-                drift = (to_compute(x[k]).cpu() - to_compute(y[k]).cpu()) / (steps * lr)
-                new = ci - to_compute(c[k]).cpu() + drift
-            else:
-                new = ci
-            c_i_new[k] = cast_like(new, c[k]).cpu()
-            # In the stored dtype, so the server's c tracks exactly the sum of the stored c_i.
-            delta_c[k] = c_i_new[k] - c_i[k].to(c_i_new[k].dtype).cpu()
+    def vector_step(self, opts: TrainOptions) -> VectorStep:
+        try:
+            check_optimizer(opts)
+        except ValueError as err:
+            raise NotVectorizable(str(err)) from None
 
-        update = Update(
-            site=task.site,
-            params=y,
-            kind=ParamKind.WEIGHTS,
-            num_examples=result.num_examples,
-            metrics={
-                "train_loss": result.loss,
-                "steps": float(steps),
-                "momentum_overridden": float(opts.momentum != 0),
-            },
-            extras={DELTA_CONTROL: delta_c},
+        def admit(task: LocalTask, data: ArrayDataset) -> LocalTask:
+            site_controls(task)  # the same refusals as the sequential client half
+            return task
+
+        def aux(task: LocalTask, device: torch.device) -> Params:
+            c, c_i = site_controls(task)
+            dtypes = task.global_params
+            return {k: correction(c, c_i, k).to(device, dtypes[k].dtype) for k in c}
+
+        def grad_term(grads: Params, corrections: Params) -> Params:
+            return {k: g + corrections[k] if k in corrections else g for k, g in grads.items()}
+
+        def finish(
+            task: LocalTask,
+            trained: LocalTask,
+            params: Params,
+            result: TrainResult,
+            _: torch.Generator,
+        ) -> LocalResult:
+            return control_result(trained, params, result, opts)
+
+        return VectorStep(
+            options=plain_sgd(opts), finish=finish, admit=admit, aux=aux, grad_term=grad_term
         )
-        return LocalResult(update, client_state={CLIENT_CONTROL: c_i_new})
 
     def personalize(self, global_params: Params, client_state: ClientState) -> Params:
         return global_params
 
 
 STRATEGIES.register("scaffold", options=ScaffoldOptions)(Scaffold)
+
+
+# --- the client half's pieces, shared by the sequential and the vectorised runtime ---
+
+
+def check_optimizer(opts: TrainOptions) -> None:
+    if opts.optimizer != "sgd":
+        raise ValueError(f"scaffold needs plain SGD local steps, got optimizer={opts.optimizer!r}")
+
+
+def plain_sgd(opts: TrainOptions) -> TrainOptions:
+    """The local options SCAFFOLD trains with: momentum off (see the module docstring)."""
+    return opts.model_copy(update={"momentum": 0.0}) if opts.momentum else opts
+
+
+def site_controls(task: LocalTask) -> tuple[Params, Params]:
+    """(c, c_i) for this site's round; c_i is zeros on the site's first round."""
+    c = task.payload.get(SERVER_CONTROL)
+    if c is None:
+        raise ValueError("scaffold: the task carries no server control variate 'c'")
+    c_i = task.client_state.get(CLIENT_CONTROL) or {k: torch.zeros_like(v) for k, v in c.items()}
+    return dict(c), dict(c_i)
+
+
+def correction(c: Params, c_i: Params, key: str) -> torch.Tensor:
+    """The drift correction c - c_i added to the gradient of ``key`` at every local step."""
+    return to_compute(c[key]) - to_compute(c_i[key])
+
+
+def control_result(
+    task: LocalTask, y: Params, result: TrainResult, opts: TrainOptions
+) -> LocalResult:
+    """Option II: ``c_i+ = c_i - c + (x - y)/(K·η_l)``; upload y and ``delta_c = c_i+ - c_i``."""
+    c, c_i = site_controls(task)
+    x = task.global_params
+    steps, lr = result.num_steps, opts.lr
+    c_i_new: Params = {}
+    delta_c: Params = {}
+    for k in c:
+        ci = to_compute(c_i[k]).cpu()
+        if steps > 0:
+            drift = (to_compute(x[k]).cpu() - to_compute(y[k]).cpu()) / (steps * lr)
+            new = ci - to_compute(c[k]).cpu() + drift
+        else:
+            new = ci
+        c_i_new[k] = cast_like(new, c[k]).cpu()
+        # In the stored dtype, so the server's c tracks exactly the sum of the stored c_i.
+        delta_c[k] = c_i_new[k] - c_i[k].to(c_i_new[k].dtype).cpu()
+
+    update = Update(
+        site=task.site,
+        params=y,
+        kind=ParamKind.WEIGHTS,
+        num_examples=result.num_examples,
+        metrics={
+            "train_loss": result.loss,
+            "steps": float(steps),
+            "momentum_overridden": float(opts.momentum != 0),
+        },
+        extras={DELTA_CONTROL: delta_c},
+    )
+    return LocalResult(update, client_state={CLIENT_CONTROL: c_i_new})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,6 +68,17 @@ class ArrayDataset:
             if all(p.case_ids for p in parts)
             else (),
         )
+
+    @staticmethod
+    def from_npy(images: str | Path, labels: str | Path, *, mmap: bool = True) -> ArrayDataset:
+        """A dataset over ``.npy`` files; with ``mmap`` the images stay on disk.
+
+        A memory-mapped array is read page by page as batches touch it, so a federation larger
+        than memory keeps only the images of the sites that train resident; slicing it (one
+        site = rows a:b) makes views, not copies. Copy-on-write mapping: nothing writes back.
+        """
+        pixels = np.load(images, mmap_mode="c" if mmap else None)
+        return ArrayDataset(torch.from_numpy(pixels), torch.from_numpy(np.load(labels)))
 
     def to(self, device: torch.device | str) -> ArrayDataset:
         """The same dataset on ``device`` (GPU-resident uint8 when it fits)."""

@@ -277,9 +277,9 @@ def run_audit(
     progress: bool = True,
 ) -> AuditResult:
     """Attack one site's update with and without DP; write ``audit.json`` and ``audit.html``."""
+    from medfed.build import build_federation, build_model
     from medfed.client.train import resolve_device
     from medfed.config import load_config
-    from medfed.engine import build_federation, build_model
     from medfed.seeding import numpy_rng, torch_generator
     from medfed.types import Task
 

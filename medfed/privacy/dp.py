@@ -43,8 +43,10 @@ from medfed.algorithms.base import (
     FederationContext,
     LocalResult,
     LocalTask,
+    NotVectorizable,
+    VectorStep,
 )
-from medfed.client.train import SampleDP, TrainOptions
+from medfed.client.train import SampleDP, TrainOptions, TrainResult
 from medfed.data.site import ArrayDataset
 from medfed.privacy.accounting import Event, calibrate, epsilon
 from medfed.privacy.config import AdaptiveClipping, DPConfig, DPMode
@@ -285,32 +287,43 @@ class PrivateAlgorithm:
         generator: torch.Generator,
         device: torch.device,
     ) -> LocalResult:
+        site_round = self._begin(task, len(data), opts)
+        result = self.inner.local_update(
+            model, site_round.task, data, opts, generator=generator, device=device
+        )
+        return self._end(site_round, result, generator)
+
+    def _begin(self, task: LocalTask, n: int, opts: TrainOptions) -> _SiteRound:
+        """Before training, at the site: the clip bound, the budget check, the inner task."""
         payload = dict(task.payload)
         dp_group = payload.pop(DP_GROUP, {})
         clip = float(dp_group["clip"].item()) if "clip" in dp_group else self.cfg.clip
         client_state = dict(task.client_state)
         spent = _history(client_state.pop(DP_GROUP, {}))
         if self.cfg.mode is DPMode.DPSGD:
-            sigma = self.site_noise(len(data), opts)
+            sigma = self.site_noise(n, opts)
             sample_dp = SampleDP(
                 noise_multiplier=sigma, max_grad_norm=clip, secure_rng=self.cfg.secure_rng
             )
-            rate = sample_rate(len(data), opts)
-            planned: Event = (sigma, rate, steps_per_round(len(data), opts))
+            planned: Event = (sigma, sample_rate(n, opts), steps_per_round(n, opts))
         else:
             sample_dp = None
             planned = self.client_level_event()
         self._check_budget(task.site, spent, planned)
         inner_task = replace(task, payload=payload, client_state=client_state, sample_dp=sample_dp)
-        result = self.inner.local_update(
-            model, inner_task, data, opts, generator=generator, device=device
-        )
+        return _SiteRound(task, inner_task, clip, spent, planned)
+
+    def _end(
+        self, site_round: _SiteRound, result: LocalResult, generator: torch.Generator
+    ) -> LocalResult:
+        """After training, at the site: clip (and noise) the update from the site's generator."""
         update = result.update
         ctx = TransformContext(
-            global_params=task.global_params,
+            global_params=site_round.received.global_params,
             generator=noise_generator(generator, secure=self.cfg.secure_rng),
         )
         metrics = dict(update.metrics)
+        clip = site_round.clip
         if self.cfg.mode is DPMode.LOCAL:
             assert self.noise_multiplier is not None
             update = chain(ClipL2(clip), GaussianNoise(self.noise_multiplier * clip))(update, ctx)
@@ -320,15 +333,42 @@ class PrivateAlgorithm:
             update = ClipL2(clip)(update, ctx)  # the trusted aggregator adds the noise
         # dpsgd: Poisson draws are fixed in advance, so the planned event is what was spent (an
         # empty draw still counts).
-        event = planned
+        event = site_round.planned
         kept = dict(result.client_state)
         if self.cfg.mode is not DPMode.CENTRAL:
             update = replace(
                 update, metrics=dict(update.metrics) | dict(zip(EVENT_KEYS, event, strict=True))
             )
             # The site's own accountant: it refuses to overspend even if a server asks it to.
-            kept[DP_GROUP] = {"history": _history_tensor([*spent, event])}
+            kept[DP_GROUP] = {"history": _history_tensor([*site_round.spent, event])}
         return LocalResult(update, kept)
+
+    def vector_step(self, opts: TrainOptions) -> VectorStep:
+        """The inner client half, vectorised, with the same clip and noise per site afterwards
+        (each from that site's own generator, drawn after training as sequentially)."""
+        if self.cfg.mode is DPMode.DPSGD:
+            raise NotVectorizable("privacy.dp mode dpsgd clips per-example gradients (Opacus)")
+        vector_step = getattr(self.inner, "vector_step", None)
+        if vector_step is None:
+            raise NotVectorizable(f"strategy {self.inner.name!r} has no vectorised client half")
+        inner: VectorStep = vector_step(opts)
+
+        def admit(task: LocalTask, data: ArrayDataset) -> LocalTask:
+            return inner.admit(self._begin(task, len(data), opts).task, data)
+
+        def finish(
+            task: LocalTask,
+            trained: LocalTask,
+            params: Params,
+            result: TrainResult,
+            generator: torch.Generator,
+        ) -> LocalResult:
+            # _begin is pure given the task (its budget check already passed in admit).
+            site_round = self._begin(task, 0, opts)
+            inner_result = inner.finish(site_round.task, trained, params, result, generator)
+            return self._end(site_round, inner_result, generator)
+
+        return replace(inner, admit=admit, finish=finish)
 
     def client_level_event(self) -> Event:
         """One round of client-level DP as the accountant sees it: a full-data Gaussian step
@@ -362,6 +402,18 @@ class PrivateAlgorithm:
 
     def __repr__(self) -> str:
         return f"PrivateAlgorithm({self.inner!r}, {self.cfg!r})"
+
+
+@dataclass(frozen=True)
+class _SiteRound:
+    """One site's DP bookkeeping for one round, between :meth:`PrivateAlgorithm._begin` and
+    :meth:`PrivateAlgorithm._end`."""
+
+    received: LocalTask
+    task: LocalTask  # what the inner client half trains on (DP group stripped)
+    clip: float
+    spent: list[Event]
+    planned: Event
 
 
 class BudgetExhausted(RuntimeError):

@@ -14,10 +14,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from medfed.algorithms import STRATEGIES, Algorithm
+from medfed.client.train import TrainOptions
 from medfed.config import RunConfig
 from medfed.privacy.accounting import Event, PrivacySpend
 from medfed.privacy.config import DPMode
-from medfed.privacy.dp import CLIP_SCALAR, PrivateAlgorithm, Schedule, round_events
+from medfed.privacy.dp import (
+    CLIP_SCALAR,
+    PrivateAlgorithm,
+    Schedule,
+    round_events,
+    sample_rate,
+    steps_per_round,
+)
 from medfed.types import Params, StrategyState, Update
 
 
@@ -111,9 +119,25 @@ class RoundPrivacy:
             )
         return Admission(admitted, refused, stop)
 
+    def planned_event(self, n_train: int, opts: TrainOptions) -> Event:
+        """What one round costs a site of ``n_train`` images, as its own accountant plans it
+        (:meth:`PrivateAlgorithm._begin`): a server that cannot read the update's metrics (SecAgg+)
+        derives it from the mechanism's parameters and the site's training-set size."""
+        if self.cfg.mode is DPMode.DPSGD:
+            return (
+                self.algorithm.site_noise(n_train, opts),
+                sample_rate(n_train, opts),
+                steps_per_round(n_train, opts),
+            )
+        return self.algorithm.client_level_event()
+
     # --- after a round ---
     def record(self, updates: Sequence[Update], state: StrategyState) -> dict[str, Any]:
         events = round_events(self.cfg, self.algorithm, sites=self.sites, updates=updates)
+        return self.record_events(events, state)
+
+    def record_events(self, events: Mapping[str, Event], state: StrategyState) -> dict[str, Any]:
+        """Book this round's ``events`` (site -> what it spent); the ``privacy`` row of history."""
         for site, event in events.items():
             self.spend.record(site, event)
             self._last[site] = event

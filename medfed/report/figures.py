@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from medfed.report.load import (
     CENTRALIZED,
+    DECENTRAL,
     EXTERNAL,
     FEDERATED,
     LOCAL_PREFIX,
@@ -39,6 +40,9 @@ CENTRAL_COLOR = "#0072B2"
 FEDERATED_COLOR = "#D55E00"
 LOCAL_COLOR = "#009E73"
 LOCAL_PALETTE = ("#56B4E9", "#E69F00", "#009E73", "#CC79A7", "#999999", "#8C564B", "#BCBD22")
+# Peer-to-peer and one-shot models (cyclic, gossip, one_shot): dashed, so they read as the
+# alternatives to the two solid server-side curves.
+DECENTRAL_COLORS = dict(zip(DECENTRAL, ("#CC79A7", "#009E73", "#000000"), strict=True))
 DPI = 110
 STYLE = {
     "font.size": 9,
@@ -86,7 +90,7 @@ def _roc_axes(ax: Axes, study: Study, network: str, split: str) -> None:
     lines: dict[str, Line2D] = {}
     (lines["chance"],) = ax.plot([0, 1], [0, 1], color="#BBBBBB", lw=0.8, ls="--", label="Chance")
     # Drawn locals first so federated ends on top; listed federated first in the legend.
-    for i, p in enumerate((*locals_, CENTRALIZED, FEDERATED)):
+    for i, p in enumerate((*locals_, *DECENTRAL, CENTRALIZED, FEDERATED)):
         if not study.has(p):
             continue
         curve: Curve | None = study.predictions.get((network, p, split))
@@ -98,6 +102,8 @@ def _roc_axes(ax: Axes, study: Study, network: str, split: str) -> None:
         if p.startswith(LOCAL_PREFIX):
             color = LOCAL_PALETTE[i % len(LOCAL_PALETTE)]
             (lines[p],) = ax.plot(*pts, color=color, lw=0.9, alpha=0.6, label=label)
+        elif p in DECENTRAL_COLORS:
+            (lines[p],) = ax.plot(*pts, color=DECENTRAL_COLORS[p], lw=1.4, ls="--", label=label)
         else:
             color = FEDERATED_COLOR if p == FEDERATED else CENTRAL_COLOR
             (lines[p],) = ax.plot(*pts, color=color, lw=2.0, label=label, zorder=3)
@@ -116,7 +122,7 @@ def _roc_axes(ax: Axes, study: Study, network: str, split: str) -> None:
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")
     ax.grid(alpha=0.25)
-    order = [k for k in (FEDERATED, CENTRALIZED, *locals_, "chance") if k in lines]
+    order = [k for k in (FEDERATED, CENTRALIZED, *DECENTRAL, *locals_, "chance") if k in lines]
     ax.legend(handles=[lines[k] for k in order], loc="lower right", fontsize=7)
 
 

@@ -11,7 +11,15 @@ import struct
 from html import escape
 
 from medfed.report import figures
-from medfed.report.load import FEDERATED, Study
+from medfed.report.decentral_view import (
+    DECENTRAL_SECTION,
+    GRID_CAPTION,
+    decentral_tables,
+    one_shot_sentence,
+    peer_sentence,
+)
+from medfed.report.ledger_view import LEDGER_SECTION, has_ledgers, ledger_html
+from medfed.report.load import DECENTRAL, FEDERATED, Study
 from medfed.report.privacy_view import PRIVACY_NOTE, privacy_tables
 from medfed.report.tables import Table, all_tables
 from medfed.report.text import (
@@ -92,6 +100,10 @@ PRIVACY_SECTION = ("privacy", "Privacy")
 
 def sections(study: Study) -> tuple[tuple[str, str], ...]:
     base = SEGMENTATION_SECTIONS if study.segmentation else SECTIONS
+    if study.decentral.enabled:
+        base = (*base, DECENTRAL_SECTION)
+    if has_ledgers(study.directory):  # runs that keep a ledger (medfed.audit)
+        base = (*base, LEDGER_SECTION)
     return (*base, PRIVACY_SECTION) if study.privacy.enabled else base
 
 
@@ -217,7 +229,13 @@ def _figures(study: Study, kind: str) -> str:
             caption = (
                 f"{name}: ROC curves of every model on the same cases. Thick lines: federated "
                 "and centralized (dots: their operating point at the fixed threshold); thin "
-                "lines: local-only models; dashed diagonal: chance."
+                "lines: local-only models; "
+                + (
+                    "dashed lines: peer-to-peer and one-shot models; "
+                    if any(study.has(p) for p in DECENTRAL)
+                    else ""
+                )
+                + "dashed diagonal: chance."
             )
             alt = f"ROC curves for {net}"
         elif kind == "learning":
@@ -263,6 +281,29 @@ def _privacy(study: Study) -> str:
     return f'{tables}<div class="figrow">{"".join(out)}</div>{note}'
 
 
+def _decentral(study: Study) -> str:
+    """Peer-to-peer site models, the one-shot comparison, and each synthesis grid inlined."""
+    prose = [peer_sentence(r) for r in study.decentral.peer]
+    prose += [x for shot in study.decentral.one_shot if (x := one_shot_sentence(study, shot))]
+    paras = "".join(f"<p>{escape(x)}</p>" for x in prose)
+    tables = "".join(render_table(t) for t in decentral_tables(study).values())
+    grids = []
+    for shot in study.decentral.one_shot:
+        name = escape(shot.network)
+        fig = f'<figure><div class="placeholder">{name}: {escape(shot.problem)}</div></figure>'
+        if shot.png is not None:  # a grid of small images: enlarged whole-pixel, not blurred
+            w, h = _png_size(shot.png)
+            k = max(1, min(8, 480 // max(w, 1)))
+            alt = escape(f"Images synthesized by one-shot FedISCA for {shot.network}")
+            fig = (
+                f'<figure><img src="{figures.data_uri(shot.png)}" alt="{alt}" width="{k * w}" '
+                f'height="{k * h}" style="image-rendering: pixelated">'
+                f"<figcaption>{name}: {escape(GRID_CAPTION)}</figcaption></figure>"
+            )
+        grids.append(f'<div class="figcell"><h3>{name}</h3>{fig}</div>')
+    return f'<div class="summary">{paras}</div>{tables}<div class="figrow">{"".join(grids)}</div>'
+
+
 def render_html(study: Study) -> str:
     tables = {k: render_table(t) for k, t in all_tables(study).items()}
     performance = list(tables.values())[:2]  # Tables 1 and 2, whatever the task calls them
@@ -277,6 +318,8 @@ def render_html(study: Study) -> str:
         "timing": tables["timing"],
         "comparisons": tables["comparisons"],
         "privacy": _privacy(study) if study.privacy.enabled else "",
+        "decentral": _decentral(study) if study.decentral.enabled else "",
+        "ledger": ledger_html(study.directory),
     }
     body = "".join(
         f'<section id="{key}"><h2>{title}</h2>{content[key]}</section>'

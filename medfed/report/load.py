@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 
 from medfed.metrics.binary import Metric
+from medfed.report.decentral import Decentral, read_decentral
 from medfed.report.fields import CI as CI
 from medfed.report.fields import RESULTS as RESULTS
 from medfed.report.fields import count, fail, get, interval, num, text, texts
 from medfed.report.privacy import StudyPrivacy, read_privacy
 from medfed.report.rounds import RoundPoint as RoundPoint
 from medfed.report.rounds import read_history
+from medfed.study.config import DECENTRAL_PARADIGMS
 
 # The study writer owns the schema's names; the report reads them from there.
 from medfed.study.stats import LOCAL_PREFIX as LOCAL_PREFIX
@@ -52,6 +54,8 @@ INTERNAL = str(Split.INTERNAL)
 EXTERNAL = str(Split.EXTERNAL)
 CENTRALIZED = str(Paradigm.CENTRALIZED)
 FEDERATED = str(Paradigm.FEDERATED)
+DECENTRAL = tuple(str(p) for p in DECENTRAL_PARADIGMS)
+"""Cyclic, gossip, one-shot: paradigms without a training server (see ``Study.decentral``)."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,8 @@ class Study:
     overlays: Mapping[str, Overlay] = field(default_factory=dict)
     privacy: StudyPrivacy = field(default_factory=StudyPrivacy)
     """ε spent per run and the cost of DP against each DP network's twin; empty without DP."""
+    decentral: Decentral = field(default_factory=Decentral)
+    """Peer-to-peer site models and the one-shot comparison; empty without those paradigms."""
 
     @property
     def segmentation(self) -> bool:
@@ -482,4 +488,5 @@ def load_study(directory: Path) -> Study:
         histories=histories,
         overlays=overlays,
         privacy=read_privacy(raw, meta.networks),
+        decentral=read_decentral(raw, meta.networks, directory),
     )

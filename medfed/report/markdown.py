@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from medfed.report.decentral_view import decentral_markdown
 from medfed.report.load import Study
 from medfed.report.privacy_view import PRIVACY_NOTE, privacy_tables
 from medfed.report.tables import Table, all_tables
@@ -121,6 +122,8 @@ def render_markdown(study: Study) -> str:
             out += [render_table(tables[key]), ""]
         if heading == "Performance" and study.segmentation:
             out += _overlays(study)
+    if study.decentral.enabled:
+        out += decentral_markdown(study, render_table, escape_md)
     if study.privacy.enabled:
         out += ["## Privacy", ""]
         out += [x for t in privacy_tables(study).values() for x in (render_table(t), "")]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from medfed.report.load import (
     CENTRALIZED,
+    DECENTRAL,
     EXTERNAL,
     FEDERATED,
     INTERNAL,
@@ -300,7 +301,7 @@ def timing_table(study: Study) -> Table:
     rows = []
     for net in study.meta.networks:
         t = study.timing[net]
-        for p in (CENTRALIZED, FEDERATED):
+        for p in (CENTRALIZED, FEDERATED, *DECENTRAL):
             if p in t:
                 tp = t[p]
                 rows.append(

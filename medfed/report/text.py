@@ -24,6 +24,7 @@ from medfed.report.load import (
     Study,
 )
 from medfed.report.privacy import ParadigmCost
+from medfed.types import Paradigm
 
 DASH = "—"
 ALPHA = 0.05
@@ -155,7 +156,7 @@ def training_label(study: Study, network: str, paradigm: str) -> str:
 def paradigm_label(paradigm: str) -> str:
     if paradigm.startswith(LOCAL_PREFIX):
         return f"Local ({paradigm.removeprefix(LOCAL_PREFIX)})"
-    return paradigm.capitalize()
+    return "One-shot" if paradigm == str(Paradigm.ONE_SHOT) else paradigm.capitalize()
 
 
 def split_label(split: str) -> str:

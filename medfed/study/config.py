@@ -34,12 +34,17 @@ from medfed.config import (
     validate_tree,
 )
 from medfed.privacy.config import PrivacyConfig
+from medfed.topologies.config import OneShotConfig, PeerConfig
 from medfed.types import Paradigm, Task
 
 # Top-level keys of results.json besides the networks; a network may not be called like these.
-RESERVED_KEYS = frozenset({"comparisons", "timing", "config_hash", "meta", "privacy"})
-# Paradigms the study runner can train, score and compare so far.
-STUDY_PARADIGMS = (Paradigm.CENTRALIZED, Paradigm.FEDERATED, Paradigm.LOCAL)
+RESERVED_KEYS = frozenset(
+    {"comparisons", "timing", "config_hash", "meta", "privacy", "peer", "one_shot"}
+)
+# Without a server loop: no DP accountant or encrypted sum, and (so far) classifiers only.
+DECENTRAL_PARADIGMS = (Paradigm.CYCLIC, Paradigm.GOSSIP, Paradigm.ONE_SHOT)
+# Paradigms the study runner can train, score and compare (a new one is refused until it can).
+STUDY_PARADIGMS = (Paradigm.CENTRALIZED, Paradigm.FEDERATED, Paradigm.LOCAL, *DECENTRAL_PARADIGMS)
 # Options the study derives from its budget; setting them by hand would break equal budgets.
 DERIVED_TRAIN_OPTIONS = frozenset({"epochs", "max_steps"})
 
@@ -117,6 +122,14 @@ class StudyConfig(_Section):
         default_factory=PrivacyConfig,
         description="differential privacy for every network (a network's own privacy replaces it)",
     )
+    peer: PeerConfig = Field(
+        default_factory=PeerConfig,
+        description="how peers exchange models (paradigms cyclic and gossip)",
+    )
+    one_shot: OneShotConfig = Field(
+        default_factory=OneShotConfig,
+        description="one-shot FedISCA's synthesis and distillation (paradigm one_shot)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
@@ -146,6 +159,21 @@ class StudyConfig(_Section):
                 f"paradigms {unsupported} cannot be compared in a study yet (run them with "
                 f"`medfed run`); a study supports {', '.join(str(p) for p in STUDY_PARADIGMS)}"
             )
+        decentral = [str(p) for p in self.paradigms if p in DECENTRAL_PARADIGMS]
+        if decentral and self.task is not Task.CLASSIFICATION:
+            raise ValueError(
+                f"paradigms {decentral} are compared in classification studies only (their "
+                "per-site and one-shot blocks report AUC/accuracy); remove them from a "
+                f"{self.task} study"
+            )
+        for net in self.networks:
+            privacy = self.privacy_of(net)
+            if decentral and (privacy.dp is not None or privacy.he is not None):
+                raise ValueError(
+                    f"network {net.label!r}: privacy.dp/he need a server that aggregates; "
+                    f"paradigms {decentral} have none (give this network privacy: {{}} or "
+                    "drop those paradigms)"
+                )
         return self
 
     def privacy_of(self, network: NetworkSpec) -> PrivacyConfig:
@@ -174,6 +202,8 @@ class StudyConfig(_Section):
             validation=self.validation,
             checkpoint=self.checkpoint,
             privacy=self.privacy_of(network),
+            peer=self.peer,
+            one_shot=self.one_shot,
         )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,9 +31,10 @@ from medfed.config import RunConfig, config_hash
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.engine import build_model, load_federation
 from medfed.engine import run as run_engine
-from medfed.history import History
+from medfed.study import decentral, runs
 from medfed.study import segmentation as seg
 from medfed.study.config import (
+    DECENTRAL_PARADIGMS,
     DERIVED_TRAIN_OPTIONS,
     NetworkSpec,
     StudyConfig,
@@ -51,6 +52,7 @@ from medfed.study.stats import (
 )
 from medfed.types import Paradigm, Params, Task
 
+T = TypeVar("T")
 THRESHOLD_RULE = (
     "Youden's J on the pooled internal validation split, applied unchanged to every other split"
 )
@@ -126,6 +128,8 @@ def _train(run_cfg: RunConfig, run_dir: Path, fed: Federation, *, progress: bool
 def _trained(
     run_cfg: RunConfig, run_dir: Path, model: nn.Module, sites: tuple[str, ...]
 ) -> _Trained:
+    if run_cfg.paradigm in DECENTRAL_PARADIGMS:  # every site scores with the one model handed over
+        return _fixed(_run_file(runs.final_params, run_dir))
     ckpt = load_latest(run_dir)
     if ckpt is None:
         raise StudyError(f"{run_dir}: no checkpoint; the run did not complete a round")
@@ -139,6 +143,18 @@ def _trained(
     g, states = ckpt.global_params, ckpt.client_states
     # Personalised algorithms (FedBN) score each site's cases with that site's own model.
     return _Trained(g, lambda site: strategy.personalize(g, states.get(site, {})))
+
+
+def _run_file(read: Callable[[Path], T], run_dir: Path) -> T:
+    try:
+        return read(run_dir)
+    except runs.RunFilesError as err:
+        raise StudyError(str(err)) from None
+
+
+def _fixed(params: Params) -> _Trained:
+    """Every site (and the external one) scored with the same ``params``."""
+    return _Trained(params, lambda _site: params)
 
 
 def _case_ids(site: Site, data: ArrayDataset) -> tuple[str, ...]:
@@ -292,34 +308,6 @@ def _score(
     return out
 
 
-def _rounds(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "history.jsonl"
-    return History.load(path).records if path.is_file() else []
-
-
-def _timing(run_dir: Path) -> dict[str, float]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    images = sum(site["examples"] for row in _rounds(run_dir) for site in row["sites"].values())
-    seconds = float(summary["wall_seconds"])
-    return {
-        "seconds": seconds,
-        "train_images": int(images),
-        "images_per_s": images / seconds if seconds > 0 else 0.0,
-    }
-
-
-def _communication(run_dir: Path) -> dict[str, float]:
-    rows = _rounds(run_dir)
-    up = sum(int(r["bytes_up"]) for r in rows)
-    down = sum(int(r["bytes_down"]) for r in rows)
-    return {
-        "rounds": len(rows),
-        "bytes_up": up,
-        "bytes_down": down,
-        "bytes_per_round": (up + down) / len(rows) if rows else 0.0,
-    }
-
-
 def run_study(
     config: StudyConfig,
     *,
@@ -362,6 +350,8 @@ def run_study(
 
     timing: dict[str, dict[str, dict[str, float]]] = {}
     communication: dict[str, dict[str, float]] = {}
+    peer: dict[str, dict[str, Any]] = {}
+    one_shot: dict[str, Any] = {}
     histories: dict[str, dict[str, str]] = {}
     total = len(config.networks) * len(config.paradigms)
     step = 0
@@ -387,7 +377,7 @@ def run_study(
                     key = local_key(site)
                     trained = _trained(run_cfg, site_dir, model, (site,))
                     predictions[(net.label, key)] = score(model, trained, run_cfg)
-                    timing[net.label][key] = _timing(site_dir)
+                    timing[net.label][key] = runs.timing(site_dir)
                     histories[net.label][key] = str(
                         (site_dir / "history.jsonl").relative_to(out_dir)
                     )
@@ -397,10 +387,24 @@ def run_study(
             key = str(paradigm)
             models[key] = trained
             predictions[(net.label, key)] = score(model, trained, run_cfg)
-            timing[net.label][key] = _timing(run_dir)
+            timing[net.label][key] = runs.timing(run_dir)
             histories[net.label][key] = str((run_dir / "history.jsonl").relative_to(out_dir))
             if paradigm is Paradigm.FEDERATED:
-                communication[net.label] = _communication(run_dir)
+                communication[net.label] = runs.communication(run_dir)
+            if paradigm in decentral.PEER_PARADIGMS:  # each site's own model, beside the consensus
+                own = _run_file(runs.peer_site_models, run_dir)
+                by_site = {s: score(model, _fixed(own[s]), run_cfg) for s in site_names}
+                peer.setdefault(net.label, {})[key] = decentral.peer_entry(
+                    predictions[(net.label, key)], by_site, runs.summary(run_dir)
+                )
+        if Paradigm.ONE_SHOT in config.paradigms:
+            ran = {p: _run_dir(out_dir, net, p) for p in config.paradigms}
+            one_shot[net.label] = decentral.one_shot_entry(
+                out_dir=out_dir,
+                one_shot_dir=ran[Paradigm.ONE_SHOT],
+                federated_dir=ran.get(Paradigm.FEDERATED),
+                centralized_dir=ran.get(Paradigm.CENTRALIZED),
+            )
         if segmenting and model is not None:
             rel = _overlays(
                 out_dir,
@@ -430,6 +434,7 @@ def run_study(
     else:
         console.print("[bold]Statistics[/]: DeLong AUC CIs and tests, stratified bootstrap CIs")
         results, comps = study_results(predictions, **stats_args)
+        comps += decentral.versus_centralized(predictions, networks=labels)
     paradigm_keys = [
         k
         for p in config.paradigms
@@ -476,6 +481,11 @@ def run_study(
     # Every run's summary.json sits beside its history.jsonl (local-only: one per site).
     run_dirs = {
         n: {k: (out_dir / rel).parent for k, rel in h.items()} for n, h in histories.items()
+    }
+    doc |= {
+        str(k): v
+        for k, v in ((decentral.Block.PEER, peer), (decentral.Block.ONE_SHOT, one_shot))
+        if v
     }
     doc["meta"]["privacy"] = privacy_meta(config, run_dirs)
     doc["privacy"] = privacy_cost(doc)

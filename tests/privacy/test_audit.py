@@ -13,13 +13,14 @@ import torch
 from medfed.privacy.attack import AttackOptions
 from medfed.privacy.audit import add_audit_parser, cmd_audit, run_audit
 
-# The demonstration's thresholds hold on every seed tried (options.seed 0-4 at these settings:
-# SSIM 0.23-0.35 without DP, -0.02-0.10 with, gap >= 0.16; PSNR gap >= 2.3 dB). Seed 1, used
-# here, has wide margins: 0.35 vs 0.04, PSNR 12.7 vs 8.6 dB.
+# The demonstration attacks the small CNN whose classifier reads the spatial feature map
+# (medfed:tinycnn, as configs/audit-thyroid.yaml). Measured at these settings (32 px, 600
+# iterations x 2 restarts), options.seed 0/1/2: SSIM 0.63/0.76/0.62 without DP, 0.00/0.06/0.02
+# with; PSNR 13.7/15.5/13.0 vs 8.2/8.5/8.5 dB. Seed 1 is used here.
 DEMO = AttackOptions(iterations=600, restarts=2, seed=1)
 
 
-def _config(root: Path, *, model: str = "medfed:smallcnn_gn", extra: str = "") -> Path:
+def _config(root: Path, *, model: str = "medfed:tinycnn", extra: str = "") -> Path:
     path = root / "tiny.yaml"
     path.write_text(
         "name: tiny\nseed: 0\n"
@@ -51,13 +52,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_dp_stops_the_attack_that_works_without_it(demo) -> None:
-    """Issue #6 target, at a test budget: batch-1 update of the small (GroupNorm) CNN, 32 px."""
+    """Issue #6 target, at a test budget: batch-1 update of the small CNN, 32 px thyroid images:
+    SSIM >= 0.5 from the update as sent, <= 0.1 after the default DP step."""
     no_dp, dp = demo.report["attacks"]["no_dp"], demo.report["attacks"]["dp"]
     assert no_dp["labels_correct"]
-    assert no_dp["mean_ssim"] >= 0.2
+    assert no_dp["mean_ssim"] >= 0.5
     assert dp["mean_ssim"] <= 0.1
-    assert no_dp["mean_ssim"] - dp["mean_ssim"] >= 0.15
-    assert no_dp["mean_psnr"] >= dp["mean_psnr"] + 2.0
+    assert no_dp["mean_ssim"] - dp["mean_ssim"] >= 0.4
+    assert no_dp["mean_psnr"] >= dp["mean_psnr"] + 4.0
 
 
 def test_audit_json(demo) -> None:
@@ -114,11 +116,11 @@ def test_segmentation_runs_are_refused(tmp_path: Path) -> None:
 
 
 def test_run_dir_attacks_the_saved_global_model(tmp_path: Path) -> None:
+    from medfed.build import build_federation, build_model
     from medfed.checkpoint import save_params
     from medfed.config import dump_config, load_config
-    from medfed.engine import build_federation, build_model
 
-    config = load_config(_config(tmp_path))
+    config = load_config(_config(tmp_path, model="medfed:smallcnn_gn"))
     model = build_model(config, build_federation(config))
     with torch.no_grad():
         model.head.weight.mul_(5.0)  # a different global model: a different update norm
@@ -127,7 +129,8 @@ def test_run_dir_attacks_the_saved_global_model(tmp_path: Path) -> None:
     dump_config(config, run_dir / "config.yaml")
     save_params(model.state_dict(), run_dir / "final.safetensors")
     opts = AttackOptions(iterations=2, restarts=1)
-    fresh = run_audit(_config(tmp_path), out_dir=tmp_path / "a", options=opts, progress=False)
+    fresh_cfg = _config(tmp_path, model="medfed:smallcnn_gn")
+    fresh = run_audit(fresh_cfg, out_dir=tmp_path / "a", options=opts, progress=False)
     saved = run_audit(run_dir, out_dir=tmp_path / "b", options=opts, progress=False)
     assert saved.report["target_kind"] == "run_dir"
     assert saved.report["model_state"] == "final global model"

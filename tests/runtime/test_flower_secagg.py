@@ -305,7 +305,7 @@ def test_integer_buffers_and_batchnorm_survive_the_secure_mean(tmp_path):
     delta and comes back as FedAvg's rounded mean count."""
     from medfed.algorithms.aggregate import fedavg_aggregate
     from medfed.algorithms.base import read_params
-    from medfed.engine import model_for_shape
+    from medfed.build import model_for_shape
     from medfed.progress import Reporter
     from medfed.runtime.flower.secagg import SecAggFedAvg, upload_vector
     from medfed.types import ParamKind, Update

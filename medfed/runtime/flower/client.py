@@ -13,7 +13,9 @@ SCAFFOLD's c_i) lives in the node's ``Context.state`` between rounds.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,10 +24,13 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from medfed.algorithms.base import LocalTask, load_params
+from medfed.audit.keys import load_or_create, load_private_key, new_key, private_pem
+from medfed.audit.ledger import Entry, MemoryChain, SqliteChain, head_hash
+from medfed.audit.site import SiteLedger
+from medfed.build import load_federation, model_for_shape
 from medfed.client.train import predict_proba, resolve_device
 from medfed.config import FaultKind, RunConfig, load_config
 from medfed.data.site import Site
-from medfed.engine import load_federation, model_for_shape
 from medfed.evaluation import Scorer
 from medfed.metrics.classification import accuracy, multiclass_auc
 from medfed.privacy.run import create_algorithm
@@ -33,8 +38,10 @@ from medfed.runtime.flower.codec import (
     Field,
     Key,
     as_int,
+    entries_from_content,
     from_record,
     groups_from_content,
+    receipt_record,
     score_histograms,
     to_record,
     update_content,
@@ -80,6 +87,49 @@ def site_for(context: Context, config: RunConfig) -> Site:
     return sites[name]
 
 
+def site_ledger(context: Context, site: str) -> SiteLedger:
+    """This site's ledger key and replica of the run's ledger (medfed.audit).
+
+    Node config ``ledger-dir=PATH`` (or ``$MEDFED_LEDGER_DIR``) keeps both on the site's disk:
+    ``PATH/<site>.key`` (made on first use unless ``ledger-key=FILE`` names one) and the replica
+    ``PATH/<site>-run<run id>.sqlite``. Without a folder both live in the node's ``Context.state``
+    for the run. ``ledger-coordinator=HEX`` makes the site refuse a run not pinning that key.
+    """
+    node = context.node_config
+    folder = node.get("ledger-dir") or os.environ.get("MEDFED_LEDGER_DIR")
+    held = context.state.config_records.get(Key.LEDGER_STATE)
+    if "ledger-key" in node:
+        key = load_private_key(Path(str(node["ledger-key"])))
+    elif folder:
+        key = load_or_create(Path(str(folder)) / f"{site}.key")
+    elif held is not None and "key" in held:
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        key = load_pem_private_key(str(held["key"]).encode(), password=None)  # type: ignore[assignment]
+    else:
+        key = new_key()
+    if folder:
+        store: SqliteChain | MemoryChain = SqliteChain(
+            Path(str(folder)) / f"{site}-run{context.run_id}.sqlite"
+        )
+    else:
+        lines = [] if held is None else list(held.get("entries", []))  # type: ignore[arg-type]
+        store = MemoryChain(Entry.from_wire(str(x)) for x in lines)
+    trusted = node.get("ledger-coordinator")
+    return SiteLedger(site, key, store, coordinator_key=None if trusted is None else str(trusted))
+
+
+def _keep_ledger(context: Context, ledger: SiteLedger) -> None:
+    """Without a ledger folder the key and replica stay in the node's state between messages."""
+    if isinstance(ledger.store, MemoryChain):
+        held: dict[str, str | list[str]] = {}
+        if "ledger-key" not in context.node_config:  # a generated key lives only here
+            held["key"] = private_pem(ledger.key).decode()
+        if len(ledger.store):
+            held["entries"] = [e.to_wire() for e in ledger.store.entries()]
+        context.state[Key.LEDGER_STATE] = ConfigRecord(held)  # type: ignore[arg-type]
+
+
 def _config(msg: Message) -> RunConfig:
     return RunConfig.model_validate_json(str(msg.content.config_records[Key.TASK][Field.CONFIG]))
 
@@ -93,8 +143,11 @@ def describe(msg: Message, context: Context) -> Message:
     config = _config(msg)
     site = site_for(context, config)
     images = site.train.images if len(site.train) else site.val.images
+    ledger = site_ledger(context, site.name)
+    _keep_ledger(context, ledger)
     record = ConfigRecord(
         {
+            Field.LEDGER_KEY: ledger.public,  # pinned in the run's ledger; the key stays here
             Field.NAME: site.name,
             Field.N_TRAIN: len(site.train),
             Field.NUM_CLASSES: _num_outputs(config, site),
@@ -132,6 +185,9 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, torch.devic
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, site, device, model = _setup(msg, context)
+    ledger = site_ledger(context, site.name)
+    ledger.receive(entries_from_content(msg.content))  # a fork or a rewrite: refuse the round
+    _keep_ledger(context, ledger)
     algorithm = create_algorithm(config, num_sites=1)  # a site's half needs no federation size
     state = {
         k.removeprefix(Key.STATE): from_record(rec)
@@ -159,7 +215,22 @@ def train(msg: Message, context: Context) -> Message:
     update = result.update
     if fault is not None:
         update = apply_fault(update, fault, task.global_params)
-    return Message(update_content(update), reply_to=msg)
+    reply = update_content(update)
+    if len(ledger.store):  # the site signs exactly what it sends
+        receipt = ledger.sign_update(task.round_idx, update)
+        reply[Key.LEDGER] = receipt_record(receipt, head_hash(ledger.store))
+    return Message(reply, reply_to=msg)
+
+
+@app.query("ledger")
+def ledger_sync(msg: Message, context: Context) -> Message:
+    """The run's last entries (after its final round): checked and kept like any others."""
+    site = site_for(context, _config(msg))
+    ledger = site_ledger(context, site.name)
+    ledger.receive(entries_from_content(msg.content))
+    _keep_ledger(context, ledger)
+    record = ConfigRecord({Field.HEAD: head_hash(ledger.store)})
+    return Message(RecordDict({Key.LEDGER: record}), reply_to=msg)
 
 
 @app.evaluate()

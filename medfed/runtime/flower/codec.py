@@ -7,12 +7,15 @@ along by accident.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from medfed.audit.ledger import Entry
+from medfed.audit.site import Receipt
 from medfed.types import Buffers, ParamKind, Params, StrEnum, Update
 
 HIST_BINS = 10_000  # score histogram resolution for the pooled AUC (scores quantised to 1e-4)
@@ -30,6 +33,8 @@ class Key(StrEnum):
     PAYLOAD = "payload."  # + group name, e.g. SCAFFOLD's server control variate
     EXTRAS = "extras."  # + group name, e.g. SCAFFOLD's delta control variate
     STATE = "medfed.state."  # + group name: site-held algorithm state in Context.state
+    LEDGER = "medfed.ledger"  # ledger entries to a site; a site's signed receipt back
+    LEDGER_STATE = "medfed.ledger-state"  # a site's key and replica in Context.state (no dir)
 
 
 class Field(StrEnum):
@@ -57,6 +62,11 @@ class Field(StrEnum):
     SECAGG_STEP_SCALE = "secagg-step-scale"  # integer buffers travel as delta / this
     SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
     SECAGG_QUANTIZATION_RANGE = "secagg-quantization-range"
+    # the ledger (medfed.audit): entries as JSON lines, a site's public key and receipt
+    LEDGER_KEY = "ledger-key"  # describe: the site's Ed25519 public key (hex), pinned at start
+    ENTRIES = "entries"
+    HEAD = "head"
+    RECEIPT = "receipt"  # JSON: the site's signed statement of the update it sent
 
 
 def as_int(value: object) -> int:
@@ -154,3 +164,26 @@ def pooled_auc(histograms: Mapping[str, tuple[list[int], list[int]]]) -> float:
         return float("nan")
     below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
     return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def entries_record(entries: list[Entry]) -> ConfigRecord:
+    return ConfigRecord({Field.ENTRIES: [e.to_wire() for e in entries]})
+
+
+def entries_from_content(content: RecordDict) -> list[Entry]:
+    """The ledger entries a message carries (none: an empty list)."""
+    if Key.LEDGER not in content.config_records:
+        return []
+    lines = content.config_records[Key.LEDGER].get(Field.ENTRIES, [])
+    return [Entry.from_wire(str(x)) for x in lines]  # type: ignore[union-attr]
+
+
+def receipt_from_content(content: RecordDict) -> Receipt | None:
+    """A site's signed receipt riding with its update, if it sent one."""
+    if Key.LEDGER not in content.config_records:
+        return None
+    return Receipt.from_wire(json.loads(str(content.config_records[Key.LEDGER][Field.RECEIPT])))
+
+
+def receipt_record(receipt: Receipt, head: str) -> ConfigRecord:
+    return ConfigRecord({Field.RECEIPT: json.dumps(receipt.to_wire()), Field.HEAD: head})

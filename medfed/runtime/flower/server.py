@@ -19,6 +19,9 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from medfed.audit.run import RunLedger
+from medfed.audit.site import Receipt
+from medfed.build import model_for_shape
 from medfed.client.train import resolve_device
 from medfed.config import RunConfig, load_config
 from medfed.engine import (
@@ -26,7 +29,6 @@ from medfed.engine import (
     RoundEval,
     RunResult,
     _prepare_dir,
-    model_for_shape,
     train_loop,
 )
 from medfed.privacy.run import create_algorithm
@@ -36,8 +38,10 @@ from medfed.runtime.flower.codec import (
     Key,
     as_float,
     as_int,
+    entries_record,
     groups_to_records,
     pooled_auc,
+    receipt_from_content,
     to_record,
     update_from_content,
 )
@@ -67,6 +71,19 @@ class FlowerRuntime:
         # than ``gone_grace`` seconds for them once every other site has answered.
         self.gone: dict[str, str] = {}
         self.gone_grace = min(timeout, GONE_GRACE_S)
+        # The ledger (medfed.audit): sites' pinned keys from discovery, their signed receipts,
+        # and how much of the chain each site has accepted (it is sent the rest).
+        self.site_public_keys: dict[str, str] | None = None
+        self.ledger: RunLedger | None = None
+        self.receipts: dict[str, Receipt] = {}
+        self.ledger_sent: dict[str, int] = {}
+
+    def _ledger_records(self, sites: Sequence[str]) -> tuple[dict[str, ConfigRecord], int]:
+        if self.ledger is None or not sites:
+            return {}, 0
+        start = min(self.ledger_sent.get(s, 0) for s in sites)
+        entries = self.ledger.store.entries(start)
+        return {Key.LEDGER: entries_record(entries)}, start + len(entries)
 
     def _task(self, round_idx: int) -> ConfigRecord:
         return ConfigRecord({Field.CONFIG: self.config_json, Field.ROUND: round_idx})
@@ -136,16 +153,20 @@ class FlowerRuntime:
         *,
         on_site: Callable[[str], None] | None = None,
     ) -> list[Outcome]:
+        ledger, sent = self._ledger_records(participants)
+
         def content() -> RecordDict:
             return RecordDict(
                 {
                     Key.GLOBAL: to_record(global_params),
                     Key.TASK: self._task(round_idx),
                     **groups_to_records(Key.PAYLOAD, payload),
+                    **ledger,
                 }
             )
 
         outcomes: list[Outcome] = []
+        self.receipts = {}
         replies = self._exchange(MessageType.TRAIN, round_idx, participants, content)
         for site, reply in replies.items():
             if isinstance(reply, str):
@@ -153,9 +174,30 @@ class FlowerRuntime:
                 continue
             try:
                 outcomes.append(update_from_content(site, reply.content))
+                receipt = receipt_from_content(reply.content)
             except (KeyError, ValueError, TypeError) as err:
                 outcomes.append(Failure(site, f"malformed reply: {err}"))
+                continue
+            if receipt is not None:
+                self.receipts[site] = receipt
+                self.ledger_sent[site] = sent
         return outcomes
+
+    def sync_ledger(self) -> dict[str, str]:
+        """After the last round: every site receives the entries it lacks; site -> its head
+        (equal to the coordinator's when its replica agrees), or why it did not answer."""
+        if self.ledger is None:
+            return {}
+        ledger, _ = self._ledger_records(list(self.nodes))
+
+        def content() -> RecordDict:
+            return RecordDict({Key.TASK: self._task(-1), **ledger})
+
+        replies = self._exchange(f"{MessageType.QUERY}.ledger", -1, list(self.nodes), content)
+        return {
+            site: r if isinstance(r, str) else str(r.content.config_records[Key.LEDGER][Field.HEAD])
+            for site, r in replies.items()
+        }
 
     def evaluate(self, round_idx: int, global_params: Params) -> RoundEval:
         """Federated evaluation: each site scores its own validation split."""
@@ -214,9 +256,17 @@ def _pooled_segmentation(replies: Mapping[str, Message | str]) -> RoundEval:
 
 
 def discover(
-    grid: Grid, config: RunConfig, *, expected: int, timeout: float
+    grid: Grid,
+    config: RunConfig,
+    *,
+    expected: int,
+    timeout: float,
+    keys: dict[str, str] | None = None,
 ) -> tuple[dict[str, int], dict[str, int], tuple[int, ...] | None]:
-    """Wait for ``expected`` SuperNodes; ask each which site it is and its data's shape."""
+    """Wait for ``expected`` SuperNodes; ask each which site it is and its data's shape.
+
+    ``keys`` receives each site's ledger public key (pinned in the run's first ledger entry).
+    """
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
     while len(nodes) < expected:
@@ -245,6 +295,8 @@ def discover(
         if name in site_of:
             raise FederationError(f"two SuperNodes claim site {name!r}")
         site_of[name] = reply.metadata.src_node_id
+        if keys is not None and Field.LEDGER_KEY in rec:
+            keys[name] = str(rec[Field.LEDGER_KEY])
         reported: dict[str, int] = {
             str(k): as_int(rec[k]) for k in (Field.NUM_CLASSES, Field.IN_CHANS, Field.IMAGE_SIZE)
         }
@@ -295,17 +347,19 @@ def serve(
     if config.paradigm is not Paradigm.FEDERATED:
         raise FederationError(f"the Flower runtime runs federated training, not {config.paradigm}")
     _prepare_dir(out_dir, config, resume=False)
-    nodes, shape, spatial = discover(grid, config, expected=num_sites, timeout=timeout)
+    keys: dict[str, str] = {}
+    nodes, shape, spatial = discover(grid, config, expected=num_sites, timeout=timeout, keys=keys)
     device = resolve_device(config.device)
     model = discovered_model(config, shape, spatial).to(device)
     algorithm = create_algorithm(config, num_sites=len(nodes))
     runtime = FlowerRuntime(grid, nodes=nodes, config=config, timeout=timeout)
+    runtime.site_public_keys = keys  # the sites hold their keys; the ledger pins these
     rounds = iter(range(config.federation.rounds))
 
     def evaluate(global_params: Params, _: Mapping[str, ClientState]) -> RoundEval:
         return runtime.evaluate(next(rounds), global_params)
 
-    return train_loop(
+    result = train_loop(
         config,
         model=model,
         algorithm=algorithm,
@@ -321,6 +375,8 @@ def serve(
         label="flower",
         resumable=False,  # `medfed run --resume` is the simulator's; a deployment starts anew
     )
+    runtime.sync_ledger()  # the sites' replicas receive the run's last entries
+    return result
 
 
 def server_app(config: RunConfig, *, out_dir: str | Path, num_sites: int, **kw: Any) -> ServerApp:

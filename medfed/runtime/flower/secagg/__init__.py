@@ -61,13 +61,37 @@ Limits (read before relying on it):
   sites' example counts, NaN train losses, and the pooled train loss under ``extra``).
   Federated evaluation still reports each site's scores of the *global* model, as the plain
   Flower runtime does.
+* **Differential privacy: ``local`` and ``dpsgd``, not ``central``.** The privacy step runs at
+  the site before the masking (clip -> noise -> mask; DP-SGD's noise is inside local training),
+  so the secure sum is a sum of updates that are already private, and the site noise is seeded
+  exactly as in process (``secure_rng`` off): the result is the in-process DP run's up to the
+  quantisation error. ``central`` is refused: its noise is added by an aggregator that sees the
+  mean, and under SecAgg+ nobody does; it would need distributed noise shared out among the
+  sites (not implemented). The server keeps ``train_loop``'s accounting
+  (:class:`~medfed.privacy.run.RoundPrivacy`): it leaves out sampled sites whose next round would
+  pass ``max_epsilon`` and ends the run (``summary.json`` ``stopped``) when fewer than
+  ``min_clients`` -- or fewer than a secure round needs -- remain, and books ε per site per
+  round in ``history.jsonl``, ``summary.json`` and the checkpoint meta. It cannot read a
+  site's reported mechanism (the update's metrics are not uploaded), so it derives each
+  contributing site's event from the config and the training-set size the site reported at
+  start (DP-SGD: σ, sample rate and steps of that size); each site also keeps its own accountant
+  in its node state and refuses a round past its budget. Local-DP noise (std σC per coordinate)
+  must fit in ``±clipping_range`` next to the weights: a range that honest noise would overflow
+  in more than 1e-6 of rounds is refused at start, naming the range to use
+  (:func:`~medfed.runtime.flower.secagg.plan.dp_clipping_range`). DP-SGD's Poisson batches
+  make the example count random: ``max_weight`` is derived from its 1 - 1e-9 quantile. The
+  pooled train loss averaged inside the secure sum is not noised (the in-process runtime reports
+  each site's). Relative-norm update screens do not run here (nor are they needed for
+  local-DP noise, which the in-process runtime exempts from them too).
 * **Integer buffers** (BatchNorm's ``num_batches_tracked``) travel through the masked vector as
   ``(value - global) / step_scale`` (``step_scale`` = the most local steps any site can take in a
   round), and the server adds back the rounded mean: the same count as medfed's FedAvg unless the
   mean lands within the quantisation error of a half.
 * Federated evaluation uses medfed's own exchange (each site scores the new global model on its
   validation split; pooled AUC / Dice as in the plain Flower runtime). Checkpoints are written
-  per round, but a SecAgg+ run cannot be resumed (as any Flower deployment run).
+  per round, but a SecAgg+ run cannot be resumed (as any Flower deployment run); with DP the
+  checkpoint meta carries :class:`~medfed.privacy.run.RoundPrivacy`'s ledger in
+  ``train_loop``'s form, ready for a resume to keep counting.
 """
 
 from medfed.runtime.flower.secagg.client import (
@@ -94,10 +118,13 @@ from medfed.runtime.flower.secagg.plan import (
     SecAggError,
     SecAggOptions,
     SecAggPlan,
+    check_dp_clipping,
     check_secagg,
+    dp_clipping_range,
     error_bound,
     max_examples,
     max_steps,
+    round_shares_problem,
     sampled_per_round,
 )
 from medfed.runtime.flower.secagg.server import SecAggFedAvg, secagg_server_app, serve_secagg
@@ -115,14 +142,17 @@ __all__ = [
     "SecAggPlan",
     "SecAggSiteClient",
     "app",
+    "check_dp_clipping",
     "check_secagg",
     "clipping_scale",
+    "dp_clipping_range",
     "error_bound",
     "max_examples",
     "max_steps",
     "medfed_messages_mod",
     "options_from_run_config",
     "options_to_run_config",
+    "round_shares_problem",
     "run_deployment",
     "sampled_per_round",
     "secagg_client_app",

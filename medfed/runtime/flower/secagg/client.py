@@ -18,9 +18,9 @@ from medfed.client.train import resolve_device
 from medfed.config import FaultKind, RunConfig
 from medfed.privacy.run import create_algorithm
 from medfed.runtime.flower import client as medfed_client
-from medfed.runtime.flower.codec import Field, Key, as_float, as_int
+from medfed.runtime.flower.codec import Field, Key, as_float, as_int, from_record, to_record
+from medfed.runtime.flower.secagg.layout import ndarrays_to_params, to_numpy
 from medfed.runtime.flower.secagg.plan import SecAggError
-from medfed.runtime.flower.secagg.server import ndarrays_to_params, to_numpy
 from medfed.runtime.inprocess import InjectedFault, fault_for, local_round
 from medfed.types import Params
 
@@ -52,14 +52,25 @@ class SecAggSiteClient(NumPyClient):
         if fault is not None and fault.kind in (FaultKind.RAISE, FaultKind.DROP):
             raise InjectedFault(f"injected fault at site {site.name} ({fault.kind})")
         algorithm = create_algorithm(run, num_sites=1)
+        # Site-held state (privacy.dp: the site's own accountant, which refuses to overspend
+        # whatever the server asks) stays in the node's Context between rounds.
+        state = {
+            k.removeprefix(Key.STATE): from_record(rec)
+            for k, rec in self.node_context.state.array_records.items()
+            if k.startswith(Key.STATE)
+        }
         task = LocalTask(
             site=site.name,
             round_idx=round_idx,
             global_params={k: v.to(device) for k, v in global_params.items()},
+            client_state=state,
             kind=run.task,
         )
         data = site.train.to(device) if device.type == "cuda" else site.train
+        # privacy.dp local: clip -> noise happen in here, at the site, before the masking below.
         result = local_round(algorithm, model, task, data, run.train, device=device, seed=run.seed)
+        for group, tensors in result.client_state.items():
+            self.node_context.state[f"{Key.STATE}{group}"] = to_record(tensors)
         update = result.update
         vector = upload_vector(
             update.params,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictInt, field_validator
@@ -16,7 +17,9 @@ from pydantic import Field as PydField
 from medfed.client.train import TrainOptions
 from medfed.config import FaultKind, RunConfig
 from medfed.engine import FederationError
-from medfed.types import Paradigm
+from medfed.privacy.config import DPMode
+from medfed.privacy.dp import Schedule, calibrated_noise, sample_rate, steps_per_round
+from medfed.types import Paradigm, Params
 
 SECURE_AGGREGATION = "secagg+"
 MODULUS_RANGE = 2**32  # Flower's default mask modulus; every masked sum is taken mod this
@@ -77,7 +80,10 @@ class SecAggOptions(BaseModel):
         "the sites' training-set sizes and train.epochs / train.max_steps",
     )
     clipping_range: float = PydField(
-        8.0, gt=0, description="uploads are clipped to ±this before quantisation"
+        8.0,
+        gt=0,
+        description="uploads are clipped to ±this before quantisation; with privacy.dp mode "
+        "local it must hold the weights plus the sites' noise (checked at start)",
     )
     quantization_range: int = PydField(
         2**22, ge=2, description="integer levels over [-clipping_range, clipping_range]"
@@ -180,11 +186,12 @@ def check_secagg(
             f"{', '.join(sorted(SECURE_STRATEGIES))}"
         )
     dp = config.privacy.dp
-    if dp is not None:
+    if dp is not None and dp.mode is DPMode.CENTRAL:
         raise FederationError(
-            f"privacy.dp (mode {dp.mode}) is not supported under SecAgg+ yet: the SecAgg+ "
-            "server keeps no per-site privacy accounting, and central noise needs an aggregator "
-            "that sees the mean; run DP without --secagg"
+            "privacy.dp mode central cannot run under SecAgg+: central noise is added by an "
+            "aggregator that sees the mean, and under SecAgg+ nobody does (it would have to be "
+            "distributed noise, shared out among the sites: not implemented). Use mode local or "
+            "dpsgd (the site adds the noise before masking), or central DP without --secagg"
         )
     for fault in config.faults:
         if fault.kind in UNDETECTABLE_FAULTS:
@@ -237,12 +244,85 @@ def check_secagg(
     return SecAggPlan(options, num_sites, sampled, shares, threshold)
 
 
-def max_examples(n_train: int, opts: TrainOptions) -> int:
-    """The most ``num_examples`` a site with ``n_train`` images reports in one local round."""
+POISSON_OVERFLOW = 1e-9
+"""Chance per site and round that DP-SGD's Poisson batches exceed the max_weight derived for it."""
+
+
+def max_examples(n_train: int, opts: TrainOptions, *, poisson: bool = False) -> int:
+    """The most ``num_examples`` a site with ``n_train`` images reports in one local round.
+
+    With ``poisson`` (DP-SGD), each of the round's steps draws every example with probability
+    q = 1 / batches-per-epoch, so the count is Binomial(steps * n, q): its mean is about one pass
+    per epoch but it has no useful hard bound below ``steps * n``. The bound is the count that is
+    exceeded with probability below :data:`POISSON_OVERFLOW` (a site above it drops out of the
+    round rather than overflow its weight).
+    """
+    if poisson:
+        from scipy.stats import binom
+
+        trials = steps_per_round(n_train, opts) * n_train
+        quantile = binom.isf(POISSON_OVERFLOW, trials, sample_rate(n_train, opts))
+        return max(int(min(quantile, trials)), 1)
     bound = math.ceil(opts.epochs) * n_train
     if opts.max_steps is not None:
         bound = min(bound, opts.max_steps * opts.batch_size)
     return max(bound, 1)
+
+
+NOISE_OVERFLOW = 1e-6
+"""Chance per site and round that honest local-DP noise trips the SecAgg+ clipping flag, at the
+clipping_range :func:`dp_clipping_range` asks for."""
+
+
+def dp_clipping_range(config: RunConfig, initial: Params) -> float | None:
+    """The clipping_range honest ``privacy.dp`` mode ``local`` uploads need, or None (no local DP).
+
+    A site uploads its weights plus N(0, (σC)²) per coordinate, masked after the noise, so
+    SecAgg+'s ±clipping_range must hold the weights *and* the noise tail. Over d coordinates the
+    largest |noise| exceeds ``t`` with probability at most ``d * erfc(t / (σC √2))`` (union
+    bound); ``t`` is chosen so that is :data:`NOISE_OVERFLOW`, and added to the largest |weight|
+    of the initial model (training moves weights too: keep a margin).
+    """
+    dp = config.privacy.dp
+    if dp is None or dp.mode is not DPMode.LOCAL:
+        return None
+    schedule = Schedule(config.federation.rounds, config.federation.fraction, num_sites=1)
+    std = calibrated_noise(dp, schedule, n=None, opts=config.train) * dp.clip
+    floats = [v for v in initial.values() if v.is_floating_point() and v.numel()]
+    d = sum(v.numel() for v in floats)
+    peak = max((float(v.detach().abs().max()) for v in floats), default=0.0)
+    z = NormalDist().inv_cdf(1.0 - NOISE_OVERFLOW / (2.0 * max(d, 1)))
+    return peak + z * std
+
+
+def check_dp_clipping(config: RunConfig, options: SecAggOptions, initial: Params) -> None:
+    """Refuse a clipping_range that honest local-DP noise would overflow (FederationError)."""
+    needed = dp_clipping_range(config, initial)
+    if needed is None or options.clipping_range >= needed:
+        return
+    dp = config.privacy.dp
+    assert dp is not None
+    raise FederationError(
+        f"clipping_range={options.clipping_range:g} is too small for privacy.dp mode local: "
+        f"each site adds noise of std σC per coordinate (clip={dp.clip:g}) before masking, and "
+        f"its largest value over the model exceeds the range in more than "
+        f"{NOISE_OVERFLOW:g} of rounds, which stops the run (clipping flag). Raise "
+        f"clipping_range to at least {math.ceil(needed):d} (the quantisation error grows only "
+        "linearly with it)"
+    )
+
+
+def round_shares_problem(plan: SecAggPlan, admitted: int) -> str | None:
+    """Why ``admitted`` sites (fewer than sampled: budgets spent) cannot form a secure round."""
+    if admitted < 3:
+        return (
+            f"SecAgg+ needs at least 3 sites per round, {admitted} remain: with two, each could "
+            "read the other's update from the mean"
+        )
+    shares, _ = _resolve_shares(plan.options, admitted)
+    if shares > admitted or (shares % 2 == 0 and shares != admitted):
+        return f"num_shares={shares} does not fit the {admitted} sites that remain"
+    return None
 
 
 def max_steps(n_train: int, opts: TrainOptions) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,60 +32,39 @@ from flwr.serverapp import Grid, ServerApp
 from medfed.algorithms.base import read_params
 from medfed.checkpoint import save_checkpoint, save_params
 from medfed.config import RunConfig, config_hash
-from medfed.engine import FederationError, RunResult, _prepare_dir, _summary
-from medfed.history import History, RoundRecord, SiteRound
+from medfed.engine import FederationError, RunResult, _prepare_dir
+from medfed.history import History, RoundRecord, SiteRound, run_summary
+from medfed.privacy.config import DPMode
+from medfed.privacy.run import RoundPrivacy, create_algorithm
 from medfed.progress import Reporter
 from medfed.runtime.flower.codec import Field, Key, as_int
+from medfed.runtime.flower.secagg.layout import params_to_ndarrays
 from medfed.runtime.flower.secagg.plan import (
     MODULUS_RANGE,
     SECURE_AGGREGATION,
     SecAggOptions,
     SecAggPlan,
+    check_dp_clipping,
     check_secagg,
+    dp_clipping_range,
     error_bound,
     max_examples,
     max_steps,
+    round_shares_problem,
 )
 from medfed.runtime.flower.server import FlowerRuntime, discover, discovered_model
 from medfed.seeding import numpy_rng
 from medfed.topologies.star import StarTopology
 from medfed.types import Params, StrategyState, params_nbytes
 
-# --------------------------------------------------------------------------- array layout
-
-_EXTRAS = 2  # the last array: [train_loss, clipped flag], averaged securely like the weights
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A host array numpy can hold (bfloat16 widens to float32; it is cast back on arrival)."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy()
-
-
-def _params_to_ndarrays(params: Params, keys: Sequence[str]) -> NDArrays:
-    return [to_numpy(params[k]) for k in keys]
-
-
-def ndarrays_to_params(arrays: NDArrays, like: Params) -> Params:
-    if len(arrays) != len(like):
-        raise ValueError(f"{len(arrays)} arrays for a model with {len(like)} tensors")
-    out = {}
-    for (k, ref), a in zip(like.items(), arrays, strict=True):
-        if tuple(a.shape) != tuple(ref.shape):
-            raise ValueError(f"{k!r}: shape {tuple(a.shape)} != {tuple(ref.shape)}")
-        # np.array, not ascontiguousarray: that one turns a 0-d array (a scalar buffer) 1-d
-        out[k] = torch.from_numpy(np.array(a, copy=True)).reshape(ref.shape).to(ref.dtype)
-    return out
-
-
 # --------------------------------------------------------------------------- server half
 
 
 @dataclass
 class _Round:
+    round_idx: int
     participants: tuple[str, ...]
+    refused: dict[str, str]  # sampled, but kept out by their privacy budget
     started: float
 
 
@@ -93,7 +73,9 @@ class SecAggFedAvg(FedAvg):
 
     Under ``SecAggPlusWorkflow``, ``aggregate_fit`` receives one securely aggregated vector (every
     result carries the same one); it is turned back into medfed ``Params``, evaluated, recorded
-    and checkpointed here.
+    and checkpointed here. With ``privacy`` (``privacy.dp`` local or dpsgd) the round's sample
+    passes :meth:`RoundPrivacy.admit` first, and each contributing site's ε is booked from what
+    the server knows without seeing an update: the mechanism and the site's training-set size.
     """
 
     def __init__(
@@ -108,8 +90,15 @@ class SecAggFedAvg(FedAvg):
         evaluate: Callable[[int, Params], Any],
         out_dir: Path,
         reporter: Reporter,
+        privacy: RoundPrivacy | None = None,
+        train_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
+        self.privacy = privacy
+        self.train_sizes = dict(train_sizes or {})
+        if privacy is not None and set(self.train_sizes) != set(nodes):
+            raise ValueError("privacy accounting needs every site's training-set size")
+        self.stopped: str | None = None
         self.plan = plan
         self.nodes = dict(nodes)
         self.site_of = {node: site for site, node in self.nodes.items()}
@@ -137,21 +126,54 @@ class SecAggFedAvg(FedAvg):
             min_available_clients=plan.num_sites,
             accept_failures=True,
             initial_parameters=ndarrays_to_parameters(
-                _params_to_ndarrays(self.global_params, self.keys)
+                params_to_ndarrays(self.global_params, self.keys)
             ),
         )
 
     def __repr__(self) -> str:
         return f"SecAggFedAvg({self.config.federation.strategy.name}, secagg+)"
 
+    def start_round(self, r: int) -> bool:
+        """Sample round ``r`` and admit it against the privacy budgets; False (and ``stopped``
+        says why) when the run must end instead, as ``train_loop`` ends it."""
+        if self.stopped is not None:
+            return False
+        sites = tuple(self.nodes)
+        plan = self.topology.plan(r, sites, numpy_rng(self.config.seed, "sample", r))
+        participants, refused = tuple(plan.participants), {}
+        if self.privacy is not None:
+            admission = self.privacy.admit(
+                participants, min_clients=self.config.federation.min_clients
+            )
+            refused = dict(admission.refused)
+            why = admission.stop
+            if why is None and refused:  # fewer sites than sampled: still a secure round?
+                problem = round_shares_problem(self.plan, len(admission.participants))
+                if problem is not None:
+                    why = (
+                        "privacy budget exhausted: "
+                        + problem
+                        + "; "
+                        + "; ".join(f"{s}: {reason}" for s, reason in sorted(refused.items()))
+                    )
+            if why is not None:
+                self.stopped = f"round {r}: {why}"
+                self.reporter.warn(f"stopping: {self.stopped}")
+                return False
+            participants = tuple(admission.participants)
+        self.current = _Round(r, participants, refused, time.perf_counter())
+        return True
+
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         r = server_round - 1
-        sites = tuple(self.nodes)
-        plan = self.topology.plan(r, sites, numpy_rng(self.config.seed, "sample", r))
+        if (self.current is None or self.current.round_idx != r) and not self.start_round(r):
+            return []  # the workflow cancels a round with no clients
+        assert self.current is not None
+        participants = self.current.participants
         proxies = {p.node_id: p for p in client_manager.all().values()}
-        gone = [s for s in plan.participants if self.nodes[s] not in proxies]
+        gone = [s for s in participants if self.nodes[s] not in proxies]
         if gone:
             raise FederationError(
                 f"round {r}: sampled site(s) {', '.join(gone)} are no longer connected"
@@ -165,11 +187,10 @@ class SecAggFedAvg(FedAvg):
             Field.SECAGG_CLIPPING_RANGE: float(self.plan.options.clipping_range),
             Field.SECAGG_QUANTIZATION_RANGE: int(self.plan.options.quantization_range),
         }
-        self.current = _Round(plan.participants, time.perf_counter())
-        for site in plan.participants:
+        for site in participants:
             self.reporter.site(site)
         fit_ins = FitIns(parameters, fit_config)
-        return [(proxies[self.nodes[s]], fit_ins) for s in plan.participants]
+        return [(proxies[self.nodes[s]], fit_ins) for s in participants]
 
     def aggregate_fit(
         self,
@@ -189,6 +210,7 @@ class SecAggFedAvg(FedAvg):
             + (f" ({reasons})" if reasons else "")
             for s in dropped
         }
+        rejected = self.current.refused | rejected
         for site, why in rejected.items():
             self.reporter.warn(f"round {r}: site {site!r}: {why}")
         min_clients = self.config.federation.min_clients
@@ -214,6 +236,12 @@ class SecAggFedAvg(FedAvg):
                 f"values to ±{self.plan.options.clipping_range:g} before quantisation: the "
                 "aggregate is biased. Raise clipping_range (and keep the parameters within it)"
             )
+            needed = dp_clipping_range(self.config, self.global_params)
+            if needed is not None:
+                message += (
+                    f"; with privacy.dp mode local the range must also hold the sites' noise: "
+                    f"at least {math.ceil(needed):d} for the current weights"
+                )
             if not self.plan.options.allow_clipping:
                 raise FederationError(message + ", or set allow_clipping")
             self.reporter.warn(message)
@@ -221,6 +249,13 @@ class SecAggFedAvg(FedAvg):
         self.global_params = new
         ev = self.evaluate_global(r, new)
         nbytes = params_nbytes(new)
+        spent = None
+        if self.privacy is not None:
+            events = {
+                s: self.privacy.planned_event(self.train_sizes[s], self.config.train)
+                for s in contributed
+            }
+            spent = self.privacy.record_events(events, StrategyState(round=r + 1))
         # masked uploads are int64: one per tensor element, plus the weight and the extras
         upload_elems = 1 + sum(int(a.size) for a in arrays)
         record = RoundRecord(
@@ -237,6 +272,7 @@ class SecAggFedAvg(FedAvg):
             bytes_down=len(participants) * nbytes,
             seconds=time.perf_counter() - self.current.started,
             external=None if ev.external is None else dict(ev.external),
+            privacy=spent,
             extra={
                 "secure_aggregation": SECURE_AGGREGATION,
                 "train_loss": train_loss,
@@ -258,12 +294,14 @@ class SecAggFedAvg(FedAvg):
                 "seed": self.config.seed,
                 "secure_aggregation": SECURE_AGGREGATION,
                 "wall_seconds": time.perf_counter() - self.t_start,
-            },
+            }
+            | ({} if self.privacy is None else {"privacy": self.privacy.to_meta()}),
             keep_last=self.config.checkpoint.keep_last,
         )
         self.reporter.round_done(record)
         self.rounds_done += 1
-        return ndarrays_to_parameters(_params_to_ndarrays(new, self.keys)), {}
+        self.current = None
+        return ndarrays_to_parameters(params_to_ndarrays(new, self.keys)), {}
 
     def _unpack(self, arrays: NDArrays) -> Params:
         """The mean as medfed Params: floats as they are, integers as global + rounded delta."""
@@ -326,28 +364,38 @@ def serve_secagg(
     if len(nodes) != plan.num_sites:  # more SuperNodes than expected joined: check again
         plan = check_secagg(config, len(nodes), opts)
     sizes = _train_sizes(grid, config, nodes, timeout=opts.timeout)
-    needed = max(max_examples(n, config.train) for n in sizes.values())
+    dp = config.privacy.dp
+    poisson = dp is not None and dp.mode is DPMode.DPSGD
+    needed = max(max_examples(n, config.train, poisson=poisson) for n in sizes.values())
     if opts.max_weight is not None and opts.max_weight < needed:
         raise FederationError(
             f"max_weight={opts.max_weight:g} but a site may report {needed} examples per round "
-            f"(training-set sizes {sizes}, train.epochs={config.train.epochs:g}); its weight "
+            f"(training-set sizes {sizes}, train.epochs={config.train.epochs:g}"
+            + (", DP-SGD's Poisson batches" if poisson else "")
+            + "); its weight "
             "would be clipped. Raise max_weight or leave it unset to derive it"
         )
     max_weight = float(opts.max_weight or needed)
     step_scale = float(max(max_steps(n, config.train) for n in sizes.values()))
     model = discovered_model(config, shape, spatial)
+    initial = read_params(model)
+    check_dp_clipping(config, opts, initial)
+    algorithm = create_algorithm(config, num_sites=len(nodes))
+    privacy = RoundPrivacy.for_run(config, algorithm, tuple(nodes))
     runtime = FlowerRuntime(grid, nodes=nodes, config=config, timeout=opts.timeout)
     reporter = Reporter(enabled=progress)
     strategy = SecAggFedAvg(
         config=config,
         plan=plan,
         nodes=nodes,
-        initial=read_params(model),
+        initial=initial,
         max_weight=max_weight,
         step_scale=step_scale,
         evaluate=runtime.evaluate,
         out_dir=out_dir,
         reporter=reporter,
+        privacy=privacy,
+        train_sizes=sizes,
     )
     secagg = SecAggPlusWorkflow(
         num_shares=plan.num_shares,
@@ -361,6 +409,8 @@ def serve_secagg(
 
     def fit_round(grid: Grid, ctx: Context) -> None:
         done = strategy.rounds_done
+        if not strategy.start_round(done):
+            return  # stopped (privacy budgets): the remaining rounds pass without a message
         secagg(grid, ctx)
         if strategy.rounds_done == done:  # Flower halts a round it cannot unmask, silently
             raise FederationError(
@@ -382,9 +432,11 @@ def serve_secagg(
     finally:
         reporter.stop()
     save_params(strategy.global_params, out_dir / "final.safetensors")
-    summary = _summary(
+    summary = run_summary(
         strategy.history, config, strategy.config_hash, time.perf_counter() - strategy.t_start
     )
+    if strategy.stopped:
+        summary["stopped"] = strategy.stopped
     summary["secure_aggregation"] = SECURE_AGGREGATION
     summary["secagg"] = {
         **plan.describe(),

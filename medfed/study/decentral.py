@@ -33,8 +33,7 @@ import numpy as np
 
 from medfed.metrics.binary import Metric, threshold_metrics, youden_threshold
 from medfed.metrics.classification import roc_auc
-from medfed.metrics.delong import delong_test
-from medfed.study import runs
+from medfed.study import runs, stats
 from medfed.study.stats import ModelKey, Split, SplitScores
 from medfed.types import Paradigm, StrEnum
 
@@ -255,18 +254,5 @@ def versus_centralized(
                 y = a.labels
                 if not 0 < int(y.sum()) < len(y):
                     continue
-                t = delong_test(y, a.scores, b.scores)
-                out.append(
-                    {
-                        "network": network,
-                        "split": str(split),
-                        "a": str(paradigm),
-                        "b": central,
-                        "auc_a": t.auc_a,
-                        "auc_b": t.auc_b,
-                        "difference": t.difference,
-                        "z": t.z,
-                        "p_value": t.p_value,
-                    }
-                )
+                out.append(stats.delong_row(network, split, str(paradigm), central, a, b))
     return out

@@ -197,21 +197,26 @@ def comparisons(predictions: Predictions, *, networks: Sequence[str]) -> list[di
         y = a.labels
         if not 0 < int(y.sum()) < len(y):
             continue  # one class only: no ROC curve to compare
-        t = delong_test(y, a.scores, b.scores)
-        out.append(
-            {
-                "network": network,
-                "split": str(split),
-                "a": str(Paradigm.FEDERATED),
-                "b": other,
-                "auc_a": t.auc_a,
-                "auc_b": t.auc_b,
-                "difference": t.difference,
-                "z": t.z,
-                "p_value": t.p_value,
-            }
-        )
+        out.append(delong_row(network, split, str(Paradigm.FEDERATED), other, a, b))
     return out
+
+
+def delong_row(
+    network: str, split: Split, a_name: str, b_name: str, a: SplitScores, b: SplitScores
+) -> dict[str, Any]:
+    """One ``comparisons`` entry of results.json: DeLong's test of model a against model b."""
+    t = delong_test(a.labels, a.scores, b.scores)
+    return {
+        "network": network,
+        "split": str(split),
+        "a": a_name,
+        "b": b_name,
+        "auc_a": t.auc_a,
+        "auc_b": t.auc_b,
+        "difference": t.difference,
+        "z": t.z,
+        "p_value": t.p_value,
+    }
 
 
 def study_results(

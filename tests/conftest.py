@@ -119,11 +119,14 @@ def make_seg_volume_federation(
     return Federation(tuple(sites))
 
 
+_SESSION_THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    """A test that pins torch to one thread must not change the arithmetic of later tests (the
-    reduction order, and so the last bits, depend on the thread count)."""
-    threads = torch.get_num_threads()
+    """A test (or a module fixture) that pins torch to one thread must not change the arithmetic
+    of later tests: the reduction order, and so the last bits, depend on the thread count. Every
+    test ends with the session's thread count back."""
     yield
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    if torch.get_num_threads() != _SESSION_THREADS:
+        torch.set_num_threads(_SESSION_THREADS)

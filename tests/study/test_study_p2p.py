@@ -58,11 +58,15 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("p2p")
-    fed = make_federation(3, n=40, size=16)
-    config = build_study_config(RAW)
-    result = run_study(config, out_dir=out, federation=fed, progress=False)
+    try:
+        out = tmp_path_factory.mktemp("p2p")
+        fed = make_federation(3, n=40, size=16)
+        config = build_study_config(RAW)
+        result = run_study(config, out_dir=out, federation=fed, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return result, fed, config
 
 

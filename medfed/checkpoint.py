@@ -74,10 +74,10 @@ def save_checkpoint(
     meta: Mapping[str, Any],
     keep_last: int,
 ) -> Path:
-    root = run_dir / "checkpoints"
+    final = checkpoint_dir(run_dir, round_idx)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"round_{round_idx:04d}"
-    tmp = root / f".tmp_round_{round_idx:04d}"
+    tmp = root / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "sites").mkdir(parents=True)
     save_params(global_params, tmp / "global.safetensors")
@@ -98,12 +98,24 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_dir(run_dir: Path, round_idx: int) -> Path:
+    """Where round ``round_idx``'s checkpoint lives (whether or not it was written)."""
+    return run_dir / "checkpoints" / f"round_{round_idx:04d}"
+
+
+def checkpoint_round(path: Path) -> int | None:
+    """The round a checkpoint folder holds, from its name; None for anything else."""
+    m = _ROUND_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest round first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _ROUND_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_ROUND_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_round(p) is not None]
+    return sorted(found, key=lambda p: checkpoint_round(p) or 0)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -45,6 +45,7 @@ from medfed.audit.ledger import (
     signed_message,
 )
 from medfed.audit.site import Receipt, SiteLedger, update_digest
+from medfed.checkpoint import checkpoint_dir
 from medfed.types import Params, Update
 
 LEDGER_FILE = Path("ledger") / "ledger.sqlite"
@@ -230,7 +231,7 @@ class RunLedger:
                 "at": _now(),
             },
         )
-        ckpt = self.run_dir / "checkpoints" / f"round_{last_round:04d}"
+        ckpt = checkpoint_dir(self.run_dir, last_round)
         recorded = any(
             e.kind == EntryKind.CHECKPOINT and e.data["round"] == last_round for e in entries
         )

@@ -11,7 +11,6 @@ The first broken entry is reported with what is wrong; nothing after a broken li
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +31,8 @@ from medfed.audit.ledger import (
     signature_ok,
 )
 from medfed.audit.run import LEDGER_FILE, REPLICA_DIR, dir_digests
+from medfed.checkpoint import checkpoint_round, list_checkpoints
 
-_ROUND_DIR = re.compile(r"^round_(\d{4,})$")
 LEDGER_SOURCE = "ledger"
 
 
@@ -273,29 +272,26 @@ def _file_problems(
                 "final.safetensors exists but the ledger has no run_end: its tail was cut",
             )
         )
-    root = run_dir / "checkpoints"
-    if root.is_dir():
-        for p in sorted(root.iterdir()):
-            m = _ROUND_DIR.match(p.name)
-            r = int(m.group(1)) if m else -1
-            if m and p.is_dir() and r >= state.first_round and r not in state.checkpoints:
-                if state.run_end is None:
-                    problems.append(
-                        Problem(
-                            end,
-                            Issue.TRUNCATED,
-                            f"checkpoints/{p.name} has no ledger entry: the tail was cut",
-                        )
+    for p in list_checkpoints(run_dir):
+        r = checkpoint_round(p)
+        if r is not None and r >= state.first_round and r not in state.checkpoints:
+            if state.run_end is None:
+                problems.append(
+                    Problem(
+                        end,
+                        Issue.TRUNCATED,
+                        f"checkpoints/{p.name} has no ledger entry: the tail was cut",
                     )
-                else:
-                    problems.append(
-                        Problem(
-                            state.run_end[0],
-                            Issue.CHECKPOINT_MISMATCH,
-                            f"checkpoints/{p.name} is not in the ledger",
-                            EntryKind.RUN_END,
-                        )
+                )
+            else:
+                problems.append(
+                    Problem(
+                        state.run_end[0],
+                        Issue.CHECKPOINT_MISMATCH,
+                        f"checkpoints/{p.name} is not in the ledger",
+                        EntryKind.RUN_END,
                     )
+                )
     return problems, checked, pruned
 
 

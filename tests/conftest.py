@@ -130,3 +130,12 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != _SESSION_THREADS:
         torch.set_num_threads(_SESSION_THREADS)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: thread hand-off costs more than it saves, and one thread is fair to the
+    neighbours on 2 cores. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``;
+    ``_restore_torch_threads`` puts the session's count back after the test."""
+    torch.set_num_threads(1)
+    yield

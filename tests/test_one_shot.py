@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from medfed.config import build_config
 from medfed.engine import FederationError, run
@@ -37,12 +36,7 @@ def _cfg(*sets: str, task: str = "classification", model: str = "medfed:smallcnn
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_one_transfer_per_site_and_a_distilled_global_model(tmp_path):

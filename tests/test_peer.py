@@ -35,13 +35,7 @@ def cfg(*overrides, rounds=2, faults=()):
     return build_config({"faults": list(faults)}, [*base, *overrides])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run several times faster on one thread on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ from medfed.privacy.image_metrics import score
 MODELS = ["medfed:smallcnn", "medfed:smallcnn_gn", "medfed:tinycnn"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small double-backward graphs: one thread is faster, and fair to neighbours on 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str, *, classes: int = 2, size: int = 32, seed: int = 0) -> torch.nn.Module:

@@ -32,12 +32,7 @@ def _config(root: Path, *, model: str = "medfed:tinycnn", extra: str = "") -> Pa
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

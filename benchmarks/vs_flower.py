@@ -9,6 +9,7 @@ accuracy after every round; 10 x 500 and 50 x 100. In one process, for each work
   with ``runtime.vectorize`` off (the sequential runtime) and on (``torch.func.vmap``);
 * Flower: ``flwr.simulation.run_simulation`` (Ray backend; ``flower_peer.py``'s apps, the same
   per-(round, site) seeds), Ray start-up and shutdown included; its clients train on the CPU.
+  Flower runs after every plain and medfed run, so Ray's lingering processes slow nobody else.
 
 Printed: wall seconds and the ratios medfed/plain and Flower/medfed. Needs the ``bench`` extra
 (``pip install -e '.[bench]'``); ``--no-flower`` skips Flower.
@@ -169,37 +170,43 @@ def compare(args: argparse.Namespace) -> list[dict[str, float]]:
         f"{'medfed/plain':>12} {'CPU':>6} {'vmap/plain':>10} {'CPU':>6} {'flower/medfed':>13}  "
         "accuracy plain/medfed/vmap/flower, max|dparam| medfed vmap"
     )
-    rows = []
+    # Every plain and medfed run first, Flower's runs last: Ray's processes wind down for seconds
+    # after a simulation ends, and on a small machine they would slow whatever runs next.
+    measured = []
     for clients, images in zip(args.clients, args.images, strict=True):
         fed = make_federation(clients, images)
         plain_run(fed, device)  # warm-up (allocator, kernels)
         t_plain: list[Timing] = []
         t_med: list[Timing] = []
         t_vec: list[Timing] = []
-        t_flw: list[float] = []
         accs: tuple[float, ...] = ()
         diffs = (0.0, 0.0)
         for _ in range(args.repeats):
             tp, ap, pp = plain_run(fed, device)
             tm, am, pm = medfed_run(fed, device, "off")
             tv, av, pv = medfed_run(fed, device, "on")
-            af = float("nan")
-            if flower_run is not None:
-                tf, log = flower_run(fed, clients, images)
-                af = log["acc"]
-                t_flw.append(tf)
             t_plain.append(tp)
             t_med.append(tm)
             t_vec.append(tv)
-            accs = (ap, am, av, af)
+            accs = (ap, am, av)
             diffs = (max_diff(pp, pm), max_diff(pp, pv))
+        measured.append((clients, images, fed, t_plain, t_med, t_vec, accs, diffs))
+    rows = []
+    for clients, images, fed, t_plain, t_med, t_vec, accs, diffs in measured:
+        t_flw: list[float] = []
+        af = float("nan")
+        if flower_run is not None:
+            for _ in range(args.repeats):
+                tf, log = flower_run(fed, clients, images)
+                af = log["acc"]
+                t_flw.append(tf)
         p, m, v = (statistics.median(t[0] for t in ts) for ts in (t_plain, t_med, t_vec))
         pc, mc, vc = (statistics.median(t[1] for t in ts) for ts in (t_plain, t_med, t_vec))
         f = statistics.median(t_flw) if t_flw else float("nan")
         print(
             f"{f'{clients}x{images}':>12} {p:>8.2f} {m:>9.2f} {v:>8.2f} {f:>9.2f} "
             f"{m / p:>12.3f} {mc / pc:>6.3f} {v / p:>10.3f} {vc / pc:>6.3f} {f / m:>13.2f}  "
-            + "/".join(f"{a:.4f}" for a in accs)
+            + "/".join(f"{a:.4f}" for a in (*accs, af))
             + f", {diffs[0]:.1e} {diffs[1]:.1e}"
         )
         rows.append(

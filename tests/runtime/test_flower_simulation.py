@@ -12,6 +12,11 @@ pytest.importorskip("ray", reason="Flower's simulation engine needs ray (flwr[si
 
 from flwr.simulation import run_simulation  # noqa: E402
 
+from medfed.audit.keys import load_private_key, public_hex  # noqa: E402
+from medfed.audit.ledger import EntryKind, SqliteChain  # noqa: E402
+from medfed.audit.run import LEDGER_FILE  # noqa: E402
+from medfed.audit.summary import round_rows  # noqa: E402
+from medfed.audit.verify import verify_run  # noqa: E402
 from medfed.config import build_config  # noqa: E402
 from medfed.engine import load_federation, run  # noqa: E402
 from medfed.runtime.flower import client  # noqa: E402
@@ -80,14 +85,20 @@ def test_simulation_matches_the_in_process_runtime(tmp_path, strategy):
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=2e-3)
 
 
-def test_failing_and_poisoned_sites_are_rejected_the_same_way(tmp_path):
-    """A site that errors (as a dropout would) or sends NaN loses its round, on both runtimes."""
+def test_failing_and_poisoned_sites_are_rejected_the_same_way(tmp_path, monkeypatch):
+    """A site that errors (as a dropout would) or sends NaN loses its round, on both runtimes,
+    and both write signed ledgers that verify: over Flower each SuperNode signs its own update
+    and keeps a replica that agrees with the coordinator's copy, entry for entry. (One Flower
+    simulation serves both checks: each costs Ray's start-up.)"""
     faults = [
         {"site": "site2", "kind": "raise", "rounds": [0]},
         {"site": "site3", "kind": "nan", "rounds": [1]},
     ]
     config = _config(tmp_path, "fedavg", "federation.min_clients=2", faults=faults)
+    sites_dir = tmp_path / "sites"  # each SuperNode's own ledger folder (key + replica)
+    monkeypatch.setenv("MEDFED_LEDGER_DIR", str(sites_dir))
     _, ref = _both(tmp_path, config)
+    _check_ledgers(tmp_path, sites_dir)
     rows = [json.loads(x) for x in (tmp_path / "flower" / "history.jsonl").read_text().splitlines()]
     assert (
         list(rows[0]["rejected"]) == ["site2"] and "InjectedFault" in rows[0]["rejected"]["site2"]
@@ -97,6 +108,40 @@ def test_failing_and_poisoned_sites_are_rejected_the_same_way(tmp_path):
     ours = load_file(str(tmp_path / "flower" / "final.safetensors"))
     for k, v in ref.final_params.items():
         assert (ours[k].double() - v.double()).abs().max().item() <= 1e-6, k
+
+
+def _check_ledgers(tmp_path, sites_dir):
+    replicas = sorted(sites_dir.glob("*.sqlite"))
+    assert [p.name.split("-run")[0] for p in replicas] == ["site1", "site2", "site3"]
+    # the in-process run and the Flower run both verify, the SuperNodes' replicas included
+    for run_dir, extra in ((tmp_path / "inproc", []), (tmp_path / "flower", [sites_dir])):
+        v = verify_run(run_dir, replicas=extra)
+        assert v.ok, (run_dir.name, [p.describe() for p in v.problems])
+        assert len(v.replicas) == 3
+    flower = SqliteChain(tmp_path / "flower" / LEDGER_FILE, create=False).entries()
+    assert flower[0].data["runtime"] == "FlowerRuntime"
+    # round 0: site2 raised, so it signed nothing; round 1: site3's NaN update is signed, then
+    # rejected by the coordinator, and its signed entry stays in the chain
+    closing = [EntryKind.ROUND, EntryKind.CHECKPOINT]
+    assert [e.kind for e in flower] == [
+        EntryKind.RUN_START,
+        *[EntryKind.UPDATE] * 2,
+        *closing,
+        *[EntryKind.UPDATE] * 3,
+        *closing,
+        EntryKind.RUN_END,
+    ]
+    pinned = flower[0].data["keys"]
+    for p in replicas:
+        site = p.name.split("-run")[0]
+        # every site holds the whole chain, and the run pins the key the site holds
+        assert SqliteChain(p, create=False).entries()[-1].hash == flower[-1].hash
+        assert pinned[site] == public_hex(load_private_key(sites_dir / f"{site}.key"))
+    status = [{s.site: s.status for s in row.sites} for row in round_rows(flower)]
+    assert status[0]["site1"] == status[0]["site3"] == "included"
+    assert "InjectedFault" in status[0]["site2"]
+    assert status[1]["site1"] == status[1]["site2"] == "included"
+    assert status[1]["site3"].startswith("rejected: params")
 
 
 def test_segmentation_matches_and_pools_counts_not_masks(tmp_path):

@@ -13,6 +13,12 @@ its declared vectorisable form (:class:`medfed.algorithms.base.VectorStep`). Sit
 batch is shorter than the others' are padded with zero-weight samples, so only the step count
 must agree; sites are grouped by it. What this path does not reproduce is refused with a reason
 (:func:`static_reason`) and the runtime trains those rounds sequentially.
+
+BatchNorm is per site: each site's running statistics are stacked like its parameters and passed
+to ``functional_call`` as batched buffers, so the layer's in-place running-average update lands
+in that site's slice (checked against sequential training in the tests). Batch statistics would
+see padding samples, so models with batch-statistics layers are grouped by the exact sequence of
+batch sizes, never padded.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from medfed.algorithms.base import Algorithm, LocalResult, LocalTask, NotVectorizable, VectorStep
@@ -69,14 +75,20 @@ def vector_step_of(algorithm: Algorithm, opts: TrainOptions) -> VectorStep:
 def model_reason(model: nn.Module) -> str | None:
     """Why ``model`` cannot train per site under vmap with sequential results, if it cannot."""
     for name, module in model.named_modules():
-        if isinstance(module, _NormBase):
-            return (
-                f"layer {name!r} is {type(module).__name__}: batch statistics are per site and "
-                "stateful (use a GroupNorm or norm-free model, e.g. medfed:smallcnn_gn)"
-            )
+        if isinstance(module, nn.SyncBatchNorm):
+            return f"layer {name!r} is SyncBatchNorm, which reduces across processes"
         if isinstance(module, _DropoutNd | nn.AlphaDropout) and module.p > 0:
             return f"layer {name!r} is dropout, which draws from each site's global RNG"
     return None
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether a sample's output depends on the other samples of its batch (BatchNorm in
+    training, or running statistics that every sample updates): such batches cannot be padded."""
+    return any(
+        isinstance(m, _BatchNorm) or (isinstance(m, _NormBase) and m.track_running_stats)
+        for m in model.modules()
+    )
 
 
 def static_reason(
@@ -248,19 +260,24 @@ class VectorTrainer:
         self.device = device
         self.normalize = normalize
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        # Running statistics are per site, like the weights: stacked, and updated in place
+        # through vmap by the layers themselves.
+        self.buffers = [n for n, b in model.named_buffers() if b is not None]
+        self.full_batches = uses_batch_statistics(model)
         self.keys = list(model.state_dict())
         loss_term = step.loss_term
         model_ref = model
 
         def site_loss(
             params: Params,
+            buffers: Params,
             shared: Params,
             x: torch.Tensor,
             y: torch.Tensor,
             w: torch.Tensor,
             anchor: Params,
         ) -> torch.Tensor:
-            logits = functional_call(model_ref, (params, shared), (x,))
+            logits = functional_call(model_ref, (params, buffers, shared), (x,))
             ce = F.cross_entropy(logits, y, reduction="none")
             loss = (ce * w).sum() / w.sum().clamp_min(1.0)
             if loss_term is not None:
@@ -268,20 +285,32 @@ class VectorTrainer:
             return loss
 
         self.grad_fn: Callable[..., tuple[Params, torch.Tensor]] = vmap(
-            grad_and_value(site_loss), in_dims=(0, None, 0, 0, 0, None)
+            grad_and_value(site_loss), in_dims=(0, 0, None, 0, 0, 0, None)
         )
+
+    def _stacked(self, global_params: Params, k_sites: int) -> tuple[Params, Params, Params]:
+        """Trainable parameters and buffers repeated per site; the rest shared."""
+        per_site = [*self.trainable, *self.buffers]
+        device = self.device
+        stacked = {
+            k: global_params[k].to(device).unsqueeze(0).repeat_interleave(k_sites, 0)
+            for k in per_site
+        }
+        shared = {k: v.to(device) for k, v in global_params.items() if k not in stacked}
+        params = {k: stacked[k] for k in self.trainable}
+        buffers = {k: stacked[k] for k in self.buffers}
+        return params, buffers, shared
 
     def probe(self, global_params: Params, spatial: Sequence[int], in_chans: int) -> str | None:
         """Run one tiny vmapped step; the error, if the model does not survive vmap."""
-        params = {k: torch.stack([global_params[k].to(self.device)] * 2) for k in self.trainable}
-        shared = {k: v.to(self.device) for k, v in global_params.items() if k not in params}
+        params, buffers, shared = self._stacked(global_params, 2)
         x = torch.zeros(2, 2, in_chans, *spatial, device=self.device)
         y = torch.zeros(2, 2, dtype=torch.int64, device=self.device)
         w = torch.ones(2, 2, device=self.device)
         anchor = {k: v[0] for k, v in params.items()}
         try:
             self.model.train()
-            self.grad_fn(params, shared, x, y, w, anchor)
+            self.grad_fn(params, buffers, shared, x, y, w, anchor)
         except Exception as err:  # any failure means: not this model, train sequentially
             return f"the model does not run under torch.func.vmap ({type(err).__name__}: {err})"
         return None
@@ -290,11 +319,7 @@ class VectorTrainer:
         """Every job's local round; all jobs take the same number of steps."""
         device, opts = self.device, self.step.options
         k_sites = len(jobs)
-        params = {
-            k: global_params[k].to(device).unsqueeze(0).repeat_interleave(k_sites, 0)
-            for k in self.trainable
-        }
-        shared = {k: v.to(device) for k, v in global_params.items() if k not in params}
+        params, buffers, shared = self._stacked(global_params, k_sites)
         anchor = {k: global_params[k].to(device) for k in self.trainable}
         aux: Params = {}
         if self.step.aux is not None:
@@ -324,7 +349,9 @@ class VectorTrainer:
             if flips is not None:
                 f = flips[s].view(*ix.shape, *([1] * len(sample_shape)))
                 x = torch.where(f, x.flip(-1), x)
-            grads, loss = self.grad_fn(params, shared, x, labels[ix].long(), weight[s], anchor)
+            grads, loss = self.grad_fn(
+                params, buffers, shared, x, labels[ix].long(), weight[s], anchor
+            )
             if self.step.grad_term is not None:
                 grads = self.step.grad_term(grads, aux)
             optimizer.step(params, grads)
@@ -333,7 +360,10 @@ class VectorTrainer:
         losses = total.tolist()
         results = []
         for i, job in enumerate(jobs):
-            site_params = {k: params[k][i] if k in params else shared[k] for k in self.keys}
+            site_params = {
+                k: params[k][i] if k in params else buffers[k][i] if k in buffers else shared[k]
+                for k in self.keys
+            }
             result = TrainResult(
                 loss=losses[i] / max(seen[i], 1.0),
                 num_examples=int(seen[i]),
@@ -383,7 +413,9 @@ class VectorizedClients:
 
     def split(self, tasks: Sequence[LocalTask], data: Sequence[ArrayDataset]) -> RoundSplit:
         """Admit each site (its own checks, as sequentially) and draw its round's batches."""
-        by_steps: dict[int, list[SiteJob]] = {}
+        # Sites train together when they take the same number of steps (short last batches are
+        # padded), or, under batch statistics, the very same batch sizes (nothing padded).
+        by_steps: dict[tuple[int, ...], list[SiteJob]] = {}
         sequential: list[str] = []
         failures: dict[str, Exception] = {}
         opts = self.step.options
@@ -399,7 +431,12 @@ class VectorizedClients:
             generator = torch_generator(self.seed, "train", task.round_idx, task.site)
             batches = draw_batches(len(site_data), opts, generator)
             job = SiteJob(task, trained, site_data, generator, batches)
-            by_steps.setdefault(len(batches), []).append(job)
+            shape = (
+                tuple(len(idx) for idx, _ in batches)
+                if self.trainer.full_batches
+                else (len(batches),)
+            )
+            by_steps.setdefault(shape, []).append(job)
         groups: list[list[SiteJob]] = []
         for jobs in by_steps.values():
             if len(jobs) < self.min_clients:

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medfed.algorithms import STRATEGIES
-from medfed.algorithms.base import Algorithm, FederationContext, NotVectorizable, read_params
+from medfed.algorithms.base import (
+    Algorithm,
+    FederationContext,
+    LocalTask,
+    NotVectorizable,
+    read_params,
+)
 from medfed.client.train import TrainOptions, make_optimizer
 from medfed.config import FaultConfig, FaultKind, VectorizeMode
 from medfed.data.site import ArrayDataset
@@ -54,10 +60,31 @@ class SmoothCNN(torch.nn.Module):
         return self.head(torch.nn.functional.avg_pool2d(x, 4).flatten(1))
 
 
+class SmoothBN(SmoothCNN):
+    """:class:`SmoothCNN` with BatchNorm: running statistics per site, batch statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm2d(8)  # type: ignore[assignment]
+
+
+class Dropped(SmoothCNN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(super().forward(x), 0.0) + self.drop(x).sum() * 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+
+
 def _model(name: str = "smooth") -> torch.nn.Module:
     torch.manual_seed(1)
     if name == "smooth":
         return SmoothCNN()
+    if name == "smooth_bn":
+        return SmoothBN()
+    if name == "dropout":
+        return Dropped()
     return create_model(name, num_classes=2, in_chans=1, image_size=16)
 
 
@@ -104,7 +131,7 @@ def _assert_same(
     state = algo.init(params, context=FederationContext(model=model, sites=tuple(SITES)))
     seq_rt = _runtime(algo, model, opts, VectorizeMode.OFF, **kw)
     vec_rt = _runtime(algo, model, opts, VectorizeMode.ON, **kw)
-    assert vec_rt._vector is not None
+    trained = _count_vectorised(vec_rt)
     for r in range(rounds):
         payload = algo.payload(state)
         seq_out = seq_rt.execute(r, list(SITES), params, payload)
@@ -126,6 +153,7 @@ def _assert_same(
                     _close(vec_rt.client_states[site][group][k], v, atol)
         updates = [o for o in seq_out if isinstance(o, Update)]
         params, state = algo.aggregate(params, updates, state, round_idx=r)
+    assert sum(trained) == rounds * len(SITES)  # every site of every round went through vmap
 
 
 @pytest.mark.parametrize(
@@ -146,6 +174,59 @@ def test_registered_small_cnns_equal_sequential_up_to_a_kink(model_name: str) ->
     opts = TrainOptions(batch_size=8, max_steps=4)
     fedavg = lambda: STRATEGIES.create("fedavg", {})  # noqa: E731
     _assert_same(opts, fedavg, atol=2e-3, model_name=model_name)
+
+
+def _count_vectorised(runtime: InProcessRuntime) -> list[int]:
+    """Spy: the size of every group the vectorised path trains."""
+    assert runtime._vector is not None
+    sizes: list[int] = []
+    train = runtime._vector.train
+
+    def spy(group):  # type: ignore[no-untyped-def]
+        sizes.append(len(group))
+        return train(group)
+
+    runtime._vector.train = spy  # type: ignore[method-assign]
+    return sizes
+
+
+@pytest.mark.parametrize(("model_name", "atol"), [("smooth_bn", 1e-5), ("medfed:smallcnn", 2e-3)])
+def test_batchnorm_models_equal_sequential_with_per_site_running_statistics(
+    model_name: str, atol: float
+) -> None:
+    """Every site's BatchNorm running mean/var/count come back as its own sequential training
+    leaves them (the uploads carry them), and its weights as trained on its batch statistics."""
+    opts = TrainOptions(batch_size=8, max_steps=4)  # every site: 4 full batches, one group
+    fedavg = lambda: STRATEGIES.create("fedavg", {})  # noqa: E731
+    assert any(k.endswith("running_var") for k in _model(model_name).state_dict())
+    _assert_same(opts, fedavg, atol=atol, model_name=model_name)
+
+
+def test_batchnorm_sites_with_different_batch_sizes_are_never_padded() -> None:
+    """Batch statistics would see padding: BN sites group by their exact batch sizes."""
+    opts = TrainOptions(batch_size=8)
+    data = {"a": _data(40, 0), "b": _data(40, 1), "c": _data(45, 2), "d": _data(47, 3)}
+    model = _model("smooth_bn")
+    algo = STRATEGIES.create("fedavg", {})
+    runtime = InProcessRuntime(
+        model=model,
+        algorithm=algo,
+        data=data,
+        opts=opts,
+        device=CPU,
+        seed=3,
+        vectorize=VectorizeMode.ON,
+    )
+    assert runtime._vector is not None
+    tasks = [
+        LocalTask(site=s, round_idx=0, global_params=read_params(model), payload={}) for s in data
+    ]
+    split = runtime._vector.split(tasks, list(data.values()))
+    groups = sorted(sorted(j.task.site for j in g) for g in split.groups)
+    # a, b: 5 batches of 8; c: 5 x 8 + 5; d: 5 x 8 + 7 -- same step count, other last batch
+    assert groups == [["a", "b"], ["c"], ["d"]]
+    for group in split.groups:
+        assert len({tuple(len(i) for i, _ in job.batches) for job in group}) == 1
 
 
 def test_adam_equals_sequential_within_its_amplification() -> None:
@@ -259,10 +340,12 @@ def test_layout_reproduces_every_sites_batches(sizes: list[int], batch: int, aug
 def test_unsupported_setups_name_their_reason() -> None:
     opts = TrainOptions()
     fedavg = STRATEGIES.create("fedavg", {})
-    bn = _model("medfed:smallcnn")
-    assert "BatchNorm" in (
-        static_reason(bn, fedavg, opts, task=Task.CLASSIFICATION, device=CPU) or ""
+    dropped = _model("dropout")
+    assert "dropout" in (
+        static_reason(dropped, fedavg, opts, task=Task.CLASSIFICATION, device=CPU) or ""
     )
+    bn = _model("medfed:smallcnn")  # per-site BatchNorm is vectorised
+    assert static_reason(bn, fedavg, opts, task=Task.CLASSIFICATION, device=CPU) is None
     tiny = _model()
     seg = static_reason(tiny, fedavg, opts, task=Task.SEGMENTATION, device=CPU)
     assert seg is not None and "segmentation" in seg
@@ -282,9 +365,9 @@ def test_unsupported_setups_name_their_reason() -> None:
 
 
 def test_on_with_unsupported_model_is_a_clear_error() -> None:
-    with pytest.raises(VectorizeError, match="vectorize is on.*BatchNorm"):
+    with pytest.raises(VectorizeError, match="vectorize is on.*dropout"):
         InProcessRuntime(
-            model=_model("medfed:smallcnn"),
+            model=_model("dropout"),
             algorithm=STRATEGIES.create("fedavg", {}),
             data=SITES,
             opts=TrainOptions(),
@@ -307,7 +390,7 @@ def test_auto_falls_back_with_one_warning_per_run(caplog: pytest.LogCaptureFixtu
         )
     assert runtime._vector is None and all(isinstance(o, Update) for o in outcomes)
     warnings = [r for r in caplog.records if "sequential client training" in r.message]
-    assert len(warnings) == 1 and "BatchNorm" in warnings[0].message
+    assert len(warnings) == 1 and "fedbn" in warnings[0].message
 
 
 def test_auto_below_min_clients_stays_sequential_and_bit_identical() -> None:

@@ -47,6 +47,14 @@ class TrainOptions(BaseModel):
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
+    lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="multiplies lr once per round: round r trains at lr * lr_decay**r (a step "
+        "that shrinks as the federation converges; under DP-SGD it also shrinks the parameter "
+        "noise the last rounds leave)",
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     augment: bool = True
@@ -58,6 +66,12 @@ class TrainOptions(BaseModel):
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
     channels_last: bool = Field(True, description="on CUDA only")
     eval_batch_size: int = Field(256, ge=1)
+
+    def at_round(self, round_idx: int) -> TrainOptions:
+        """The options round ``round_idx`` trains with (its decayed learning rate)."""
+        if self.lr_decay == 1.0 or round_idx == 0:
+            return self
+        return self.model_copy(update={"lr": self.lr * self.lr_decay**round_idx})
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ def local_round(
     """
     torch.manual_seed(derive_seed(seed, "torch", task.round_idx, task.site))
     generator = torch_generator(seed, "train", task.round_idx, task.site)
+    opts = opts.at_round(task.round_idx)
     return algorithm.local_update(model, task, data, opts, generator=generator, device=device)
 
 

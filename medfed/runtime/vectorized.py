@@ -399,10 +399,23 @@ class VectorizedClients:
         min_clients: int,
         chunk: int,
     ) -> None:
+        self.model, self.algorithm, self.opts, self.device = model, algorithm, opts, device
         self.step = vector_step_of(algorithm, opts)
         self.trainer = VectorTrainer(model, self.step, device=device, normalize=opts.normalize)
         self.seed, self.min_clients, self.chunk = seed, min_clients, chunk
         self._probed: str | None | bool = False
+        self._round = 0
+
+    def _at_round(self, round_idx: int) -> None:
+        """Rebuild the client half for this round's options when the learning rate decays (an
+        algorithm's client half may read the rate, e.g. SCAFFOLD's control-variate update)."""
+        if self.opts.lr_decay == 1.0 or round_idx == self._round:
+            return
+        self._round = round_idx
+        self.step = vector_step_of(self.algorithm, self.opts.at_round(round_idx))
+        self.trainer = VectorTrainer(
+            self.model, self.step, device=self.device, normalize=self.opts.normalize
+        )
 
     def probe(self, global_params: Params, data: ArrayDataset) -> str | None:
         """The reason the model does not vmap (checked once, on the first site's shape)."""
@@ -416,6 +429,8 @@ class VectorizedClients:
         # Sites train together when they take the same number of steps (short last batches are
         # padded), or, under batch statistics, the very same batch sizes (nothing padded).
         by_steps: dict[tuple[int, ...], list[SiteJob]] = {}
+        if tasks:
+            self._at_round(tasks[0].round_idx)
         sequential: list[str] = []
         failures: dict[str, Exception] = {}
         opts = self.step.options

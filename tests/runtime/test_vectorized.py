@@ -243,9 +243,12 @@ def test_fedprox_equals_sequential() -> None:
     _assert_same(opts, lambda: STRATEGIES.create("fedprox", {"mu": 0.5}))
 
 
-def test_scaffold_equals_sequential_with_control_variates() -> None:
-    # Two rounds: the second uses a non-zero c and each site's stored c_i.
-    _assert_same(TrainOptions(batch_size=8), lambda: STRATEGIES.create("scaffold", {}))
+@pytest.mark.parametrize("lr_decay", [1.0, 0.5])
+def test_scaffold_equals_sequential_with_control_variates(lr_decay: float) -> None:
+    # Two rounds: the second uses a non-zero c and each site's stored c_i, and (decayed) a
+    # halved learning rate, which SCAFFOLD's control-variate update divides by.
+    opts = TrainOptions(batch_size=8, lr_decay=lr_decay)
+    _assert_same(opts, lambda: STRATEGIES.create("scaffold", {}))
 
 
 @pytest.mark.parametrize("mode", [DPMode.LOCAL, DPMode.CENTRAL])

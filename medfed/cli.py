@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--key", type=Path, help="this SuperNode's OpenSSH private key")
     node.add_argument("--ca", type=Path, help="the federation's CA certificate")
     node.add_argument("--port", type=int, default=9094, help="local ClientApp API port")
+    node.add_argument(
+        "--he-context",
+        type=Path,
+        help="the federation's shared CKKS secret context (`medfed he keys`), for privacy.he runs",
+    )
     _insecure(node)
     reg = fsub.add_parser("register", help="allow a SuperNode's public key to join")
     reg.add_argument("public_key", type=Path, metavar="PUBKEY")
@@ -193,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from medfed.cli_audit import add_parsers as add_ledger_parsers
 
     add_ledger_parsers(sub)  # keys new, ledger verify|show
+    from medfed.cli_he import add_parsers as add_he_parsers
+
+    add_he_parsers(sub)  # he keys
 
     lst = sub.add_parser("list", help="registered components")
     lst.add_argument("what", choices=["strategies", "models"])
@@ -394,7 +402,7 @@ def _cmd_flower(args: argparse.Namespace) -> int:
             raise ValueError("give --key (this SuperNode's private key from `medfed flower certs`)")
         return commands.supernode(
             args.superlink, site=args.site, site_data=args.site_data, ca=args.ca, key=args.key,
-            port=args.port, insecure=args.insecure,
+            port=args.port, insecure=args.insecure, he_context=args.he_context,
         )  # fmt: skip
     if cmd == "register":
         node_id = commands.register(args.public_key, superlink_address=args.superlink, ca=args.ca)
@@ -483,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medfed.cli_audit import HANDLERS as ledger_handlers
 
     handlers |= ledger_handlers
+    from medfed.cli_he import HANDLERS as he_handlers
+
+    handlers |= he_handlers
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -203,7 +203,7 @@ def train_loop(
     history = History(hist_path)
     wall_offset = 0.0
     privacy = RoundPrivacy.for_run(config, algorithm, site_names)
-    encrypted = EncryptedAggregation.for_run(config, algorithm)
+    encrypted = EncryptedAggregation.for_run(config, algorithm, runtime=runtime)
     ledger = RunLedger.for_run(
         config, out_dir, site_names=site_names, runtime=runtime, config_hash=chash
     )
@@ -281,7 +281,8 @@ def train_loop(
             if ledger is not None and (why := ledger.admit(r, o)) is not None:
                 rejected[o.site] = why  # no valid site signature over what arrived
                 continue
-            reason = validate_update(
+            screen = validate_update if encrypted is None else encrypted.validate
+            reason = screen(
                 o,
                 global_params,
                 expected_keys=expected,

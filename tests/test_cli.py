@@ -233,3 +233,21 @@ def test_flower_supernode_names_a_bad_site_config_field(tmp_path, monkeypatch, c
     argv = ["flower", "supernode", "--superlink", "h:1", "--site", "a", "--site-data", "site.yaml"]
     assert main([*argv, "--ca", "ca.crt", "--key", "k"]) == 2
     assert "sourse" in capsys.readouterr().err
+
+
+def test_flower_supernode_hands_its_he_context_to_the_clientapp(tmp_path, monkeypatch):
+    """`--he-context` reaches the ClientApp as node config `he-context` (an absolute path);
+    a missing file is refused before any process starts."""
+    from medfed.runtime.flower import commands
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "site.yaml").write_text("data:\n  source: synthetic_ultrasound\n")
+    (tmp_path / "he-secret.ctx").write_bytes(b"x")
+    started: list[list[str]] = []
+    monkeypatch.setattr(commands, "_foreground", lambda argv, **_: started.append(list(argv)) or 0)
+    argv = ["flower", "supernode", "--superlink", "h:1", "--site", "a", "--site-data", "site.yaml"]
+    assert main([*argv, "--insecure", "--he-context", "he-secret.ctx"]) == 0
+    node_config = started[0][started[0].index("--node-config") + 1]
+    assert f'he-context="{tmp_path / "he-secret.ctx"}"' in node_config
+    assert main([*argv, "--insecure", "--he-context", "missing.ctx"]) != 0
+    assert len(started) == 1

@@ -69,10 +69,13 @@ __all__ = [
     "HERoundStats",
     "Layout",
     "TensorSpec",
+    "ContextInfo",
     "aggregate_encrypted",
+    "context_info",
     "decrypt_aggregate",
     "encrypt_params",
     "he_fedavg",
+    "public_context_of",
     "setup_keys",
 ]
 
@@ -121,6 +124,21 @@ def _load_context(data: bytes, *, role: str) -> ts.Context:
         raise ValueError(f"{role}: not a serialized TenSEAL context ({exc})") from exc
 
 
+def public_context_of(secret_context: bytes) -> bytes:
+    """The public context a site's secret context belongs to: the same bytes
+    :func:`setup_keys` wrote (serialization is deterministic), so sites that share a key pair
+    present identical public contexts without having kept the public file."""
+    ctx = _load_context(secret_context, role="secret context")
+    return bytes(
+        ctx.serialize(
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=False,
+            save_relin_keys=False,
+        )
+    )
+
+
 def _params(ctx: ts.Context) -> tuple[int, list[int]]:
     """(slots, data primes of the top level) of a CKKS context."""
     parms = ctx.seal_context().data.first_context_data().parms()
@@ -134,6 +152,35 @@ def _max_abs(ctx: ts.Context) -> float:
     _, primes = _params(ctx)
     remaining_bits = sum(math.log2(p) for p in primes[:-1])
     return float(2.0 ** (remaining_bits - math.log2(ctx.global_scale) - 3))
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """What a serialized context commits to, in :class:`HEOptions`' terms (for comparing a
+    context made by the setup step with a run's config, and for checking who may decrypt)."""
+
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    global_scale_bits: int
+    private: bool  # holds the secret key
+
+    def matches(self, options: HEOptions) -> bool:
+        return (
+            self.poly_modulus_degree == options.poly_modulus_degree
+            and list(self.coeff_mod_bit_sizes) == list(options.coeff_mod_bit_sizes)
+            and self.global_scale_bits == options.global_scale_bits
+        )
+
+
+def context_info(data: bytes, *, role: str = "context") -> ContextInfo:
+    ctx = _load_context(data, role=role)
+    parms = ctx.seal_context().data.key_context_data().parms()
+    return ContextInfo(
+        poly_modulus_degree=int(parms.poly_modulus_degree()),
+        coeff_mod_bit_sizes=tuple(int(m.value()).bit_length() for m in parms.coeff_modulus()),
+        global_scale_bits=round(math.log2(ctx.global_scale)),
+        private=bool(ctx.is_private()),
+    )
 
 
 # --- layout ---

@@ -9,9 +9,9 @@ whose budget is spent stop taking part) and :meth:`RoundPrivacy.record` after it
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from medfed.algorithms import STRATEGIES, Algorithm
 from medfed.client.train import TrainOptions
@@ -27,6 +27,7 @@ from medfed.privacy.dp import (
     steps_per_round,
 )
 from medfed.types import Params, StrategyState, Update
+from medfed.validation import validate_update
 
 
 def create_algorithm(
@@ -162,6 +163,28 @@ def _finite(x: float) -> float | None:
 HE_STRATEGIES = frozenset({"fedavg", "fedprox", "fedbn"})
 
 
+class RoundEncryption(Protocol):
+    """What ``train_loop`` asks of ``privacy.he``: screen an upload, merge the round's uploads.
+
+    :class:`EncryptedAggregation` plays every role in the simulator; over Flower the runtime
+    brings its own (:class:`medfed.runtime.flower.he.FlowerEncryptedAggregation`), whose sites
+    encrypt and decrypt.
+    """
+
+    def validate(
+        self,
+        update: Update,
+        global_params: Params,
+        *,
+        expected_keys: Collection[str] | None,
+        max_relative_norm: float,
+    ) -> str | None: ...
+
+    def aggregate(
+        self, global_params: Params, updates: Sequence[Update], state: StrategyState
+    ) -> tuple[Params, StrategyState, dict[str, Any]]: ...
+
+
 class EncryptedAggregation:
     """``privacy.he``: each round's merge as sites encrypt -> aggregator sums -> a site decrypts.
 
@@ -181,10 +204,31 @@ class EncryptedAggregation:
         self.expected = algorithm.uploaded_keys()
 
     @classmethod
-    def for_run(cls, config: RunConfig, algorithm: Algorithm) -> EncryptedAggregation | None:
+    def for_run(
+        cls, config: RunConfig, algorithm: Algorithm, *, runtime: Any = None
+    ) -> RoundEncryption | None:
         if config.privacy.he is None or str(config.paradigm) != "federated":
             return None  # one party (centralized, local-only) has nobody to hide an update from
+        remote: RoundEncryption | None = getattr(runtime, "encrypted_aggregation", None)
+        if remote is not None:  # the sites hold the key; this process only the public context
+            return remote
         return cls(config, algorithm)
+
+    def validate(
+        self,
+        update: Update,
+        global_params: Params,
+        *,
+        expected_keys: Collection[str] | None,
+        max_relative_norm: float,
+    ) -> str | None:
+        """The plaintext screen: in the simulator it runs before encryption, as at a site."""
+        return validate_update(
+            update,
+            global_params,
+            expected_keys=expected_keys,
+            max_relative_norm=max_relative_norm,
+        )
 
     def aggregate(
         self, global_params: Params, updates: Sequence[Update], state: StrategyState

@@ -5,6 +5,10 @@ score the one model each of them hands over (the consensus, or the distilled stu
 section shows what only these paradigms have: a final model *per site* and how far those models
 spread (peer-to-peer), and what one upload per site buys against FedAvg's 2 × R transfers
 (one-shot), with the grid of synthesized images that replaced the sites' data in distillation.
+
+It also words those models for "What this means" (:func:`decentral_sentences`): each handed-over
+model against FedAvg with the DeLong test the study already ran, the spread of the peer site
+models, one-shot against FedAvg after 1 and after R rounds.
 """
 
 from __future__ import annotations
@@ -13,12 +17,25 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from medfed.report.decentral import OneShot, PeerRun, Point
-from medfed.report.load import CENTRALIZED, EXTERNAL, INTERNAL, Study
+from medfed.report.load import CENTRALIZED, DECENTRAL, EXTERNAL, FEDERATED, INTERNAL, Study
 from medfed.report.privacy_view import FIRST_TABLE, privacy_tables
 from medfed.report.tables import Cell, Row, Table
-from medfed.report.text import DASH, fmt_bytes, fmt_diff, fmt_pct, fmt_score, paradigm_label
+from medfed.report.text import (
+    DASH,
+    HANDED_OVER,
+    METRIC_LABELS,
+    fmt_bytes,
+    fmt_ci,
+    fmt_diff,
+    fmt_pct,
+    fmt_score,
+    p_phrase,
+    paradigm_label,
+    verdict,
+)
 from medfed.study.decentral import OWN_SITE
 from medfed.study.decentral import Row as ShotKey
+from medfed.types import Paradigm
 
 DECENTRAL_SECTION = ("decentral", "Peer-to-peer and one-shot")
 """Only for a study with cyclic, gossip or one-shot runs."""
@@ -256,4 +273,131 @@ def decentral_markdown(
             out += [f"_{escape(f'{shot.network}: {shot.problem}')}_", ""]
     if study.decentral.one_shot:
         out += [f"_{escape(GRID_CAPTION[0].upper() + GRID_CAPTION[1:])}_", ""]
+    return out
+
+
+# --- "What this means": sentences built from the numbers, for the narrative in text.py ---
+
+
+def _word(a: float, b: float) -> str:
+    """As printed: a 0.0004 edge is no edge."""
+    x, y = round(a, 3), round(b, 3)
+    return "higher than" if x > y else ("lower than" if x < y else "equal to")
+
+
+def _with_ci(study: Study, network: str, paradigm: str, split: str) -> str:
+    m = study.metrics(network, paradigm, split)
+    ci = fmt_ci(study.headline, m.ci(study.headline))
+    return f"{fmt_score(m.value(study.headline))} {ci}".rstrip()
+
+
+def _test(
+    study: Study, network: str, paradigm: str, split: str
+) -> tuple[str, float | None, float | None] | None:
+    """``(reference, paradigm − reference, p)`` of the study's paired test on ``split``: against
+    federated (the main comparisons, stored federated − other, so negated), else against
+    centralized (the peer/one-shot comparisons)."""
+    c = study.comparison(network, split, FEDERATED, paradigm)
+    if c is not None:
+        return FEDERATED, None if c.difference is None else -c.difference, c.p_value
+    c = study.comparison(network, split, paradigm, CENTRALIZED)
+    if c is not None:
+        return CENTRALIZED, c.difference, c.p_value
+    return None
+
+
+def _versus(study: Study, network: str, paradigm: str, model: str) -> str:
+    """The handed-over model against federated (or centralized) on each pooled split, tested."""
+    parts = []
+    for split in study.meta.splits:
+        vs = _with_ci(study, network, paradigm, split)
+        result = " (not tested)"
+        test = _test(study, network, paradigm, split)
+        if test is not None:
+            ref, diff, p = test
+            name = paradigm_label(ref).lower()
+            vs += f" vs {name + ' ' if split == INTERNAL else ''}"
+            vs += _with_ci(study, network, ref, split)
+            result = f" ({model} − {name} {fmt_diff(diff)}): {verdict(diff, p)} ({p_phrase(p)})"
+        if split == INTERNAL:
+            parts.append(f"{vs} on internal validation{result}")
+        else:
+            parts.append(f"on the external site ({study.meta.external_site}): {vs}{result}")
+    metric = METRIC_LABELS[study.headline]
+    return f"{paradigm_label(paradigm)} {model} {metric} " + "; ".join(parts) + "."
+
+
+def _spread(run: PeerRun) -> str:
+    """Whether averaging the site models helped: the consensus against their range and mean."""
+    stats = run.spread.get(INTERNAL, {}).get("auc", {})
+    lo, hi, sd = stats.get("min"), stats.get("max"), stats.get("std")
+    cons = run.consensus.at(INTERNAL).auc
+    if lo is None or hi is None or cons is None:
+        return ""
+    if round(cons, 3) > round(hi, 3):
+        where = "above every site model"
+    elif round(cons, 3) < round(lo, 3):
+        where = "below every site model"
+    else:
+        where = "within their range"
+    diff = run.consensus_minus_mean.get(INTERNAL, {}).get("auc")
+    return (
+        f"The {len(run.site_models)} {paradigm_label(run.paradigm).lower()} site models span "
+        "internal validation AUC "
+        f"{fmt_score(lo)}–{fmt_score(hi)} (SD {fmt_score(sd)}); the consensus ({fmt_score(cons)}) "
+        f"lies {where} ({fmt_diff(diff)} against their mean)."
+    )
+
+
+def _transfers_per_site(n: int | None) -> str:
+    return "" if n is None else f"{n:,} transfer{'s' if n != 1 else ''} per site"
+
+
+def _shot_versus_rounds(study: Study, shot: OneShot) -> str:
+    """One-shot against FedAvg after 1 and after R rounds, as the runs' histories recorded them."""
+    mine = shot.rows.get(str(ShotKey.ONE_SHOT))
+    if mine is None or mine.internal.auc is None:
+        return ""
+    refs: list[str] = []
+    for key in (ShotKey.FEDERATED_1, ShotKey.FEDERATED):
+        row = shot.rows.get(str(key))
+        if row is None or row.internal.auc is None or row.rounds_done is None:
+            continue
+        r = row.rounds_done
+        after = f"after {r} round{'s' if r != 1 else ''}"
+        what = f"federated ({study.meta.strategy}) {after}" if not refs else after
+        moved = _transfers_per_site(row.transfers_per_site)
+        refs.append(
+            f"{_word(mine.internal.auc, row.internal.auc)} {what} "
+            f"({fmt_score(row.internal.auc)}{'; ' + moved if moved else ''})"
+        )
+    if not refs:
+        return ""
+    moved = _transfers_per_site(mine.transfers_per_site)
+    return (
+        "In the runs' own validation records (not tested for significance), one-shot's internal "
+        f"validation AUC {fmt_score(mine.internal.auc)}{f' ({moved})' if moved else ''} is "
+        + " and ".join(refs)
+        + "."
+    )
+
+
+def decentral_sentences(study: Study, network: str) -> list[str]:
+    """What the peer-to-peer and one-shot models of ``network`` mean, in words; empty when the
+    study has none. A difference is only called higher or lower when its test says so."""
+    out: list[str] = []
+    for paradigm in DECENTRAL:
+        if not study.has(paradigm):
+            continue
+        out.append(_versus(study, network, paradigm, HANDED_OVER[paradigm]))
+        if paradigm == str(Paradigm.ONE_SHOT):
+            shots = study.decentral.one_shot
+            more = [_shot_versus_rounds(study, s) for s in shots if s.network == network]
+        else:
+            more = [
+                _spread(r)
+                for r in study.decentral.peer
+                if (r.network, r.paradigm) == (network, paradigm)
+            ]
+        out += [x for x in more if x]
     return out

@@ -28,12 +28,18 @@ from medfed.report.load import (
     EXTERNAL,
     FEDERATED,
     LOCAL_PREFIX,
-    SITE_PREFIX,
     Curve,
     RoundPoint,
     Study,
 )
-from medfed.report.text import METRIC_LABELS, fmt_score, paradigm_label, split_label
+from medfed.report.tables import site_splits
+from medfed.report.text import (
+    METRIC_LABELS,
+    fmt_score,
+    handed_over_label,
+    paradigm_label,
+    split_label,
+)
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 CENTRAL_COLOR = "#0072B2"
@@ -203,27 +209,29 @@ def learning_figure(study: Study, network: str) -> bytes | None:
 
 
 def site_figure(study: Study, network: str) -> bytes:
-    """Per site, three bars: centralized, federated, and that site's own local model."""
+    """Per site, one bar per model: centralized, federated, the peer-to-peer and one-shot models
+    (hatched) the study has, and that site's own local model; with those, the external site too.
+    """
     metric = study.headline
-    sites = study.meta.sites
-    bars = (
+    rows = site_splits(study)
+    bars: tuple[tuple[str | None, str, str], ...] = (
         (CENTRALIZED, CENTRAL_COLOR, "Centralized"),
         (FEDERATED, FEDERATED_COLOR, "Federated"),
+        *((p, DECENTRAL_COLORS[p], handed_over_label(p)) for p in DECENTRAL if study.has(p)),
         (None, LOCAL_COLOR, "Local (own site)"),
     )
-    width = 0.26
-    x = np.arange(len(sites))
-    with _figure(max(4.4, 0.9 * len(sites) + 1.6), 3.4) as (fig, buf):
+    n = len(bars)
+    width = 0.26 if n <= 3 else 0.8 / n
+    x = np.arange(len(rows))
+    with _figure(max(4.4, max(0.9, 0.25 * n) * len(rows) + 1.6), 3.4) as (fig, buf):
         ax = fig.subplots()
         for k, (paradigm, color, label) in enumerate(bars):
             vals, err_lo, err_hi = [], [], []
-            for site in sites:
-                p = paradigm or LOCAL_PREFIX + site
-                m = (
-                    study.metrics(network, p, SITE_PREFIX + site)
-                    if p in study.meta.paradigms
-                    else None
-                )
+            for _, split, own in rows:
+                p = paradigm or own
+                m = None
+                if p is not None and p in study.meta.paradigms:
+                    m = study.metrics(network, p, split)
                 v = m.value(metric) if m is not None else None
                 ci = m.ci(metric) if m is not None else None
                 v_num = math.nan if v is None else v
@@ -232,22 +240,29 @@ def site_figure(study: Study, network: str) -> bytes:
                 vals.append(v_num)
                 err_lo.append(max(v_num - lo, 0.0) if not math.isnan(v_num) else 0.0)
                 err_hi.append(max(hi - v_num, 0.0) if not math.isnan(v_num) else 0.0)
+            # hatched: the one model a paradigm without a server hands over, told apart from
+            # the solid local bars even where the two share a colour (None: matplotlib's default)
+            hatched = paradigm in DECENTRAL
             ax.bar(
-                x + (k - 1) * width,
+                x + (k - (n - 1) / 2) * width,
                 vals,
                 width,
                 yerr=[err_lo, err_hi],
                 color=color,
                 label=label,
                 error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"},
+                hatch="///" if hatched else None,
+                edgecolor="white" if hatched else None,
+                linewidth=0 if hatched else None,
             )
         if metric == "auc":
             ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
-        ax.set_xticks(x, list(sites))
-        ax.set_ylabel(f"{METRIC_LABELS[metric]} on the site's own validation split")
+        ax.set_xticks(x, [name for name, _, _ in rows])
+        where = "the site's own" if len(rows) == len(study.meta.sites) else "each"
+        ax.set_ylabel(f"{METRIC_LABELS[metric]} on {where} validation split")
         ax.set_ylim(0.0, 1.05)  # bars start at zero: a truncated axis inflates the gaps
         ax.grid(axis="y", alpha=0.25)
-        ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.12))
+        ax.legend(fontsize=7, ncols=n, loc="upper center", bbox_to_anchor=(0.5, 1.12))
     return buf.getvalue()
 
 

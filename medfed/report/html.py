@@ -21,7 +21,7 @@ from medfed.report.decentral_view import (
 from medfed.report.ledger_view import LEDGER_SECTION, has_ledgers, ledger_html
 from medfed.report.load import DECENTRAL, FEDERATED, Study
 from medfed.report.privacy_view import PRIVACY_NOTE, privacy_tables
-from medfed.report.tables import Table, all_tables
+from medfed.report.tables import Table, all_tables, site_splits
 from medfed.report.text import (
     METRIC_LABELS,
     budget_sentence,
@@ -251,7 +251,15 @@ def _figures(study: Study, kind: str) -> str:
         else:
             png = figures.site_figure(study, net)
             chance = "" if study.segmentation else "; dashed line: chance"
-            caption = f"{name}: {label} on each site's own validation split with 95% CI{chance}."
+            caption = f"{name}: {label} on each site's own validation split"
+            if len(site_splits(study)) > len(study.meta.sites):
+                caption += f" and on the external site ({escape(study.meta.external_site or '')})"
+            caption += f" with 95% CI{chance}."
+            if any(study.has(p) for p in DECENTRAL):
+                caption += (
+                    " Hatched: the consensus of the site models (cyclic, gossip) or the distilled "
+                    "student (one-shot)."
+                )
             alt = f"Per-site {label} for {net}"
         fig = _figure(png, alt=alt, caption=caption, placeholder=f"{name}: no history recorded")
         out.append(f'<div class="figcell"><h3>{name}</h3>{fig}</div>')

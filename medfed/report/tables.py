@@ -33,6 +33,7 @@ from medfed.report.text import (
     fmt_p,
     fmt_score,
     fmt_seconds,
+    handed_over_label,
     paradigm_label,
     split_label,
     training_label,
@@ -204,13 +205,30 @@ def segmentation_tables(study: Study) -> tuple[Table, Table]:
     )
 
 
+def site_splits(study: Study) -> tuple[tuple[str, str, str | None], ...]:
+    """``(row label, split, local model)`` per row of the per-site table and figure.
+
+    Each site's own validation split, scored by the model that site trained alone; with a
+    peer-to-peer or one-shot model in the study also the external site (no local model of its
+    own), where the peer-to-peer section scores each site's own model too.
+    """
+    rows: list[tuple[str, str, str | None]] = [
+        (site, SITE_PREFIX + site, LOCAL_PREFIX + site) for site in study.meta.sites
+    ]
+    ext = study.meta.external_site
+    if ext is not None and any(study.has(p) for p in DECENTRAL):
+        rows.append((f"{ext} (external)", EXTERNAL, None))
+    return tuple(rows)
+
+
 def site_table(study: Study) -> Table:
-    """Per site: centralized, federated, and the model that site trained alone, on its own data."""
+    """Per site: centralized, federated, the peer-to-peer and one-shot models the study has, and
+    the model that site trained alone, on its own data."""
     nets = study.meta.networks
     metric = study.headline
+    decentral = tuple(p for p in DECENTRAL if study.has(p))
     rows = []
-    for site in study.meta.sites:
-        split = SITE_PREFIX + site
+    for name, split, own in site_splits(study):
         first = study.metrics(nets[0], study.meta.paradigms[0], split)
         if not first.n:
             size = DASH
@@ -218,19 +236,35 @@ def site_table(study: Study) -> Table:
             size = f"{first.n:,}"
         else:
             size = f"{first.n:,} ({first.n_pos or 0:,})"
-        cells = [Cell(site), Cell(size)]
+        cells = [Cell(name), Cell(size)]
         for net in nets:
-            for p in (CENTRALIZED, FEDERATED, LOCAL_PREFIX + site):
-                if p in study.meta.paradigms:
+            for p in (CENTRALIZED, FEDERATED, *decentral, own):
+                if p is not None and p in study.meta.paradigms:
                     cells.append(_metric_cell(study, net, p, split, metric))
                 else:
                     cells.append(Cell(DASH))
         rows.append(Row(tuple(cells)))
-    per_net = ("Centralized", "Federated", "Local (own site)")
+    per_net = (
+        "Centralized",
+        "Federated",
+        *(handed_over_label(p) for p in decentral),
+        "Local (own site)",
+    )
     label = METRIC_LABELS[metric]
+    note = f"{label} [95% CI]. Local (own site): the model trained at that site alone."
+    title = f"Table 3. {label} on each site's own validation split"
+    if decentral:
+        note += (
+            " Consensus (cyclic, gossip): the example-weighted average of the site models; "
+            "student (one-shot): the model distilled from them; each is the one model its "
+            "paradigm hands over, scored like the others."
+        )
+    if len(rows) > len(study.meta.sites):
+        title += " and on the external site"
+        note += " The external site trained no model of its own."
     return Table(
         key="sites",
-        title=f"Table 3. {label} on each site's own validation split",
+        title=title,
         columns=(
             "Site",
             "n (images)" if study.segmentation else "n (malignant)",
@@ -239,7 +273,7 @@ def site_table(study: Study) -> Table:
         rows=tuple(rows),
         groups=tuple(Group(net, net, len(per_net)) for net in nets),
         lead=2,
-        note=f"{label} [95% CI]. Local (own site): the model trained at that site alone.",
+        note=note,
     )
 
 

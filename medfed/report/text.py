@@ -159,6 +159,20 @@ def paradigm_label(paradigm: str) -> str:
     return "One-shot" if paradigm == str(Paradigm.ONE_SHOT) else paradigm.capitalize()
 
 
+HANDED_OVER = {
+    str(Paradigm.CYCLIC): "consensus",
+    str(Paradigm.GOSSIP): "consensus",
+    str(Paradigm.ONE_SHOT): "student",
+}
+"""The one model a paradigm without a training server hands over: the average of the site
+models (peer-to-peer) or the model distilled from them (one-shot)."""
+
+
+def handed_over_label(paradigm: str) -> str:
+    """``Gossip (consensus)``: names which of a peer run's many models a column shows."""
+    return f"{paradigm_label(paradigm)} ({HANDED_OVER[paradigm]})"
+
+
 def split_label(split: str) -> str:
     if split.startswith(SITE_PREFIX):
         return split.removeprefix(SITE_PREFIX)
@@ -364,12 +378,19 @@ def privacy_sentences(study: Study, network: str) -> list[str]:
 
 def narrative(study: Study) -> list[tuple[str, str]]:
     """Per network, ``(name, paragraph)``: plain, unescaped sentences built from the numbers."""
+    # lazy: the peer-to-peer view builds on this module's formatters
+    from medfed.report.decentral_view import decentral_sentences
+
     out = []
     for net in study.meta.networks:
         private = privacy_sentences(study, net)
+        # a paragraph of its own: what the models without a training server add
+        decentral = decentral_sentences(study, net)
+        tail = [(f"{net}, peer-to-peer and one-shot", " ".join(decentral))] if decentral else []
         if not study.has(FEDERATED):
             parts = ["This study trained no federated model; see the tables below.", *private]
             out.append((net, " ".join(parts)))
+            out += tail
             continue
         parts = _versus_central(study, net) if study.has(CENTRALIZED) else []
         for split in study.meta.splits:
@@ -380,6 +401,7 @@ def narrative(study: Study) -> list[tuple[str, str]]:
             parts.append(own)
         parts += private
         out.append((net, " ".join(parts) or "No comparison is available for this network."))
+        out += tail
     return out
 
 

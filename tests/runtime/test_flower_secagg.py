@@ -225,6 +225,8 @@ def test_undetectable_faults_and_bad_options_are_refused(tmp_path):
     with pytest.raises(FederationError, match="can be neither detected nor rejected"):
         check_secagg(_config(tmp_path, faults=faults), 3)
     check_secagg(_config(tmp_path, faults=[{"site": "site3", "kind": "drop"}]), 3)  # a dropout
+    with pytest.raises(FederationError, match="privacy.he cannot run under SecAgg"):
+        check_secagg(_config(tmp_path, "fedavg", "privacy.he={}"), 3)
     with pytest.raises(ValidationError, match="num_shares must be > 2"):
         SecAggOptions(num_shares=2)
     with pytest.raises(ValidationError, match="reconstruction_threshold must be >= 2"):

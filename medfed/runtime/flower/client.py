@@ -46,6 +46,13 @@ from medfed.runtime.flower.codec import (
     to_record,
     update_content,
 )
+from medfed.runtime.flower.he import (
+    DECRYPT_ACTION,
+    HEKey,
+    decrypt_reply,
+    seal_update,
+    site_contexts,
+)
 from medfed.runtime.inprocess import InjectedFault, apply_fault, fault_for, local_round
 from medfed.types import Task
 
@@ -156,6 +163,8 @@ def describe(msg: Message, context: Context) -> Message:
             Field.SPATIAL_SHAPE: [int(s) for s in images.shape[2:]],
         }
     )
+    if config.privacy.he is not None:  # the key pair's public half; the secret stays here
+        record[HEKey.PUBLIC] = site_contexts(context.node_config)[1]
     return Message(RecordDict({Key.SITE: record}), reply_to=msg)
 
 
@@ -189,6 +198,8 @@ def train(msg: Message, context: Context) -> Message:
     ledger.receive(entries_from_content(msg.content))  # a fork or a rewrite: refuse the round
     _keep_ledger(context, ledger)
     algorithm = create_algorithm(config, num_sites=1)  # a site's half needs no federation size
+    # privacy.he: no secret context, no round (the error names the node-config key)
+    he_public = None if config.privacy.he is None else site_contexts(context.node_config)[1]
     state = {
         k.removeprefix(Key.STATE): from_record(rec)
         for k, rec in context.state.array_records.items()
@@ -215,6 +226,13 @@ def train(msg: Message, context: Context) -> Message:
     update = result.update
     if fault is not None:
         update = apply_fault(update, fault, task.global_params)
+    if he_public is not None:  # screened here, then only ciphertext leaves (runtime/flower/he.py)
+        update = seal_update(
+            update,
+            global_params=task.global_params,
+            expected_keys=algorithm.uploaded_keys(),
+            public_context=he_public,
+        )
     reply = update_content(update)
     if len(ledger.store):  # the site signs exactly what it sends
         receipt = ledger.sign_update(task.round_idx, update)
@@ -231,6 +249,14 @@ def ledger_sync(msg: Message, context: Context) -> Message:
     _keep_ledger(context, ledger)
     record = ConfigRecord({Field.HEAD: head_hash(ledger.store)})
     return Message(RecordDict({Key.LEDGER: record}), reply_to=msg)
+
+
+@app.query(DECRYPT_ACTION)
+def he_decrypt(msg: Message, context: Context) -> Message:
+    """privacy.he: decrypt the round's encrypted mean for the server (never a single upload's:
+    the server sums before it asks; see runtime/flower/he.py for the threat model)."""
+    secret, _ = site_contexts(context.node_config)
+    return Message(decrypt_reply(msg.content, secret_context=secret), reply_to=msg)
 
 
 @app.evaluate()

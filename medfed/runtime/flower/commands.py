@@ -96,16 +96,22 @@ def supernode(
     key: Path | None,
     port: int,
     insecure: bool,
+    he_context: Path | None = None,
 ) -> int:
     """A hospital's SuperNode: its data is named here and read only on this machine."""
     if not site_data.is_file():
         raise FileNotFoundError(f"--site-data {site_data}: no such run/data config file")
     load_config(site_data)  # a typo in the site's data config fails here, not in round 1
+    node_config = {"site": site, "data-config": str(site_data.resolve())}
+    if he_context is not None:
+        if not he_context.is_file():
+            raise FileNotFoundError(f"--he-context {he_context}: no such file")
+        node_config["he-context"] = str(he_context.resolve())
     options = SuperNodeOptions(
         superlink=superlink_address,
         root_certificates=None if insecure else ca,
         auth_private_key=key,
-        node_config={"site": site, "data-config": str(site_data.resolve())},
+        node_config=node_config,
         port=port,
         insecure=insecure,
     )

@@ -45,6 +45,12 @@ from medfed.runtime.flower.codec import (
     to_record,
     update_from_content,
 )
+from medfed.runtime.flower.he import (
+    FlowerEncryptedAggregation,
+    HEKey,
+    HEProtocolError,
+    agreed_public_context,
+)
 from medfed.runtime.inprocess import Failure, Outcome
 from medfed.types import Buffers, ClientState, Paradigm, Params, Task
 
@@ -77,6 +83,8 @@ class FlowerRuntime:
         self.ledger: RunLedger | None = None
         self.receipts: dict[str, Receipt] = {}
         self.ledger_sent: dict[str, int] = {}
+        # privacy.he: the sites encrypt and decrypt; train_loop merges through this (he.py).
+        self.encrypted_aggregation: FlowerEncryptedAggregation | None = None
 
     def _ledger_records(self, sites: Sequence[str]) -> tuple[dict[str, ConfigRecord], int]:
         if self.ledger is None or not sites:
@@ -262,10 +270,12 @@ def discover(
     expected: int,
     timeout: float,
     keys: dict[str, str] | None = None,
+    he_public: dict[str, bytes | None] | None = None,
 ) -> tuple[dict[str, int], dict[str, int], tuple[int, ...] | None]:
     """Wait for ``expected`` SuperNodes; ask each which site it is and its data's shape.
 
-    ``keys`` receives each site's ledger public key (pinned in the run's first ledger entry).
+    ``keys`` receives each site's ledger public key (pinned in the run's first ledger entry),
+    ``he_public`` each site's CKKS public context (``privacy.he``).
     """
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
@@ -297,6 +307,9 @@ def discover(
         site_of[name] = reply.metadata.src_node_id
         if keys is not None and Field.LEDGER_KEY in rec:
             keys[name] = str(rec[Field.LEDGER_KEY])
+        if he_public is not None:
+            public = rec.get(HEKey.PUBLIC)
+            he_public[name] = public if isinstance(public, bytes) else None
         reported: dict[str, int] = {
             str(k): as_int(rec[k]) for k in (Field.NUM_CLASSES, Field.IN_CHANS, Field.IMAGE_SIZE)
         }
@@ -348,12 +361,23 @@ def serve(
         raise FederationError(f"the Flower runtime runs federated training, not {config.paradigm}")
     _prepare_dir(out_dir, config, resume=False)
     keys: dict[str, str] = {}
-    nodes, shape, spatial = discover(grid, config, expected=num_sites, timeout=timeout, keys=keys)
+    he_public: dict[str, bytes | None] | None = None if config.privacy.he is None else {}
+    nodes, shape, spatial = discover(
+        grid, config, expected=num_sites, timeout=timeout, keys=keys, he_public=he_public
+    )
     device = resolve_device(config.device)
     model = discovered_model(config, shape, spatial).to(device)
     algorithm = create_algorithm(config, num_sites=len(nodes))
     runtime = FlowerRuntime(grid, nodes=nodes, config=config, timeout=timeout)
     runtime.site_public_keys = keys  # the sites hold their keys; the ledger pins these
+    if config.privacy.he is not None and he_public is not None:
+        try:
+            public = agreed_public_context(he_public, options=config.privacy.he)
+        except HEProtocolError as err:
+            raise FederationError(str(err)) from None
+        runtime.encrypted_aggregation = FlowerEncryptedAggregation(
+            public, send=runtime._exchange, task=runtime._task
+        )
     rounds = iter(range(config.federation.rounds))
 
     def evaluate(global_params: Params, _: Mapping[str, ClientState]) -> RoundEval:

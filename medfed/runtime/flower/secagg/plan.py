@@ -185,6 +185,13 @@ def check_secagg(
             f"strategy {name!r} cannot run under SecAgg+: {why}. Secure aggregation supports "
             f"{', '.join(sorted(SECURE_STRATEGIES))}"
         )
+    if config.privacy.he is not None:
+        raise FederationError(
+            "privacy.he cannot run under SecAgg+: both hide each site's update from the server, "
+            "by different protocols, and SecAgg+ masks plaintext integers, not CKKS ciphertexts. "
+            "Drop --secagg (HE over Flower: sites encrypt, the server sums ciphertexts) or drop "
+            "privacy.he"
+        )
     dp = config.privacy.dp
     if dp is not None and dp.mode is DPMode.CENTRAL:
         raise FederationError(

@@ -36,7 +36,9 @@ def add_parsers(sub: Any) -> None:
         help="a site's replica file, or a folder of them (repeatable); the simulator's "
         "replicas are always included",
     )
-    show = lsub.add_parser("show", help="per round: who contributed, digests, epsilon")
+    show = lsub.add_parser(
+        "show", help="per round: who contributed, digests, epsilon; peer runs: every hand-over"
+    )
     show.add_argument("run_dir", type=Path)
     show.add_argument("--digits", type=int, default=12, help="hex digits of each digest shown")
 
@@ -96,9 +98,14 @@ def _show(run_dir: Path, *, digits: int) -> int:
             f"run {start.get('run_id')} · config {start.get('config_hash')} · "
             f"medfed {start.get('medfed_version')} · {start.get('runtime')} · "
             f"sites {', '.join(start.get('sites', []))} · keys {start.get('key_source')}"
+            + (f" · paradigm {start['paradigm']}" if start.get("paradigm") else "")
         )
+    what = {"cyclic": "consensus", "gossip": "consensus", "one_shot": "student"}
     for row in round_rows(entries):
-        title = f"round {row.round} · {row.strategy} · aggregate {row.aggregate_digest[:digits]}"
+        title = (
+            f"round {row.round} · {row.strategy} · "
+            f"{what.get(row.topology, 'aggregate')} {row.aggregate_digest[:digits]}"
+        )
         if row.superseded:
             title += " · superseded (crashed attempt; the round was run again)"
         table = Table(title=title, title_justify="left")
@@ -113,8 +120,28 @@ def _show(run_dir: Path, *, digits: int) -> int:
                 "" if s.epsilon is None else f"{s.epsilon:.3g}",
             )
         out.print(table)
+        if row.handovers:
+            out.print(_handover_table(row, digits=digits))
     out.print(f"{len(entries)} entries; head {entries[-1].hash if entries else '-'}")
     return 0
+
+
+def _handover_table(row: Any, *, digits: int) -> Table:
+    """Every hop (cyclic) or step (gossip) of a round, as each site signed it."""
+    cyclic = row.topology == "cyclic"
+    table = Table(
+        title=f"round {row.round} · {'hops' if cyclic else 'steps'}", title_justify="left"
+    )
+    cols = ("hop", "site", "from", "to") if cyclic else ("step", "site", "merged", "version")
+    start, made = ("trained from", "passed on") if cyclic else ("own model before", "new model")
+    for col in (*cols, start, made):
+        table.add_column(col)
+    for h in row.handovers:
+        last = h.passed_to or "-" if cyclic else str(h.version)
+        table.add_row(
+            str(h.position), h.site, h.received, last, h.start_digest[:digits], h.digest[:digits]
+        )
+    return table
 
 
 HANDLERS = {"keys": cmd_keys, "ledger": cmd_ledger}

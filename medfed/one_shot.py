@@ -10,6 +10,11 @@ The paradigm ``one_shot`` runs in two stages:
 
 Teachers may differ in architecture (``one_shot.teacher_models``). The synthesized images never
 existed at any site; the snapshots (noise to realistic) are saved as a picture for the report.
+
+With ``ledger.enabled`` each teacher keeps its own local-training ledger (``sites/<site>/ledger``)
+and the run's ledger records each site's signed upload and the distillation
+(:mod:`medfed.audit.p2p`); ``medfed ledger verify RUN_DIR`` checks both the chain and the
+teachers' files.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from medfed.algorithms.base import load_params
 from medfed.algorithms.fedisca import one_shot, to_display
 from medfed.algorithms.fedisca_synthesis import Synthesis
+from medfed.audit.p2p import PeerLedger
 from medfed.checkpoint import save_params
 from medfed.client.train import resolve_device
 from medfed.config import ModelConfig, RunConfig, config_hash
@@ -95,6 +101,16 @@ def run_one_shot(
         raise FederationError(f"one_shot.teacher_models names unknown site(s) {unknown}")
     _prepare_dir(out_dir, config, resume=resume)
     t_start = time.perf_counter()
+    ledger = PeerLedger.for_run(config, out_dir, sites=fed.names, config_hash=config_hash(config))
+    if ledger is not None:  # the teachers are redone or resumed, the distillation redone whole
+        ledger.begin(
+            last_round=-1,
+            sites=fed.names,
+            initial=None,  # every teacher is recorded in its own ledger from its own start
+            strategy="fedisca",
+            topology={"name": str(config.paradigm)},
+        )
+        ledger.deliver()
     device = resolve_device(config.device)
     teachers: list[nn.Module] = []
     site_rows: dict[str, SiteRound] = {}
@@ -126,6 +142,15 @@ def run_one_shot(
             examples=sum(int(r["sites"][site.name]["examples"]) for r in res.history),
             steps=sum(int(r["sites"][site.name]["steps"]) for r in res.history),
         )
+        if ledger is not None:
+            ledger.upload(
+                site=site.name,
+                params=res.final_params,
+                num_examples=len(site.train),
+                metrics={"train_loss": site_rows[site.name].train_loss},
+                teacher_dir=site_dir,
+                teacher_model=site_cfg.model.name,
+            )
     # --- the server: distill the teachers into one model ---
     t0 = time.perf_counter()
     reporter.start(f"{label} distillation", total=1)
@@ -193,6 +218,27 @@ def run_one_shot(
     history = History(hist_path)
     history.append(record)
     save_params(final, out_dir / "final.safetensors")
+    if ledger is not None:
+        ledger.round(
+            0,
+            consensus=final,
+            included=list(fed.names),
+            rejected={},
+            strategy="fedisca",
+            extra={
+                "distill": {
+                    "fedisca": config.one_shot.fedisca.model_dump(mode="json"),
+                    "seed": config.seed,
+                    "best_epoch": result.best_epoch,
+                }
+            },
+        )
+        ledger.end(
+            rounds=1,
+            final_params=final,
+            final=out_dir / "final.safetensors",
+            files=[out_dir / "sites" / s / "final.safetensors" for s in fed.names],
+        )
     from medfed.history import run_summary
 
     summary = run_summary(history, config, config_hash(config), time.perf_counter() - t_start)

@@ -6,7 +6,9 @@ runs it. Everything else is the star loop's, so the paradigms differ only in top
 site is bit-identical to local-only training), every model a site produces passes
 ``validate_update`` before a peer takes it (a rejected model is neither passed on nor merged, and
 nothing of that step persists), ``faults`` are injected as in the star runtime, and every round is
-recorded, checkpointed (per-site models and version vectors as site state) and resumable.
+recorded, checkpointed (per-site models and version vectors as site state) and resumable. With
+``ledger.enabled`` every hand-over is a site-signed ledger entry (:mod:`medfed.audit.p2p`), so
+``medfed ledger verify RUN_DIR`` checks a peer run as it checks a client-server one.
 
 The run's "global" model is the consensus, the example-weighted average of all sites' current
 models (``history.val``, ``external``, ``final.safetensors``); ``site_val`` is each site's *own*
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from medfed.algorithms.base import LocalTask, load_params, read_params
+from medfed.audit.p2p import PeerLedger
 from medfed.checkpoint import Checkpoint, load_latest, save_checkpoint, save_params
 from medfed.client.train import resolve_device
 from medfed.config import RunConfig, config_hash
@@ -215,20 +218,40 @@ class _Peers:
         )
         return update if reason is None else Failure(site, reason)
 
-    def cycle_round(self, r: int, state: PeerState, reporter: Reporter) -> _Round:
-        """One cycle: the model visits every site once and leaves each as that site's model."""
-        order = cyclic.visit_order(
+    def visit_order(self, r: int) -> list[str]:
+        return cyclic.visit_order(
             self.sites,
             r,
             order=self.config.peer.order,
             rng=numpy_rng(self.config.seed, "cyclic", r),
         )
+
+    def cycle_round(
+        self, r: int, state: PeerState, reporter: Reporter, ledger: PeerLedger | None = None
+    ) -> _Round:
+        """One cycle: the model visits every site once and leaves each as that site's model.
+
+        ``ledger``: each accepted hop is signed by its site; a site whose replica refused the
+        chain (a fork) is skipped like a rejected one.
+        """
+        order = self.visit_order(r)
         assert state.carried is not None
         carried, holder = state.carried, state.holder
         models, versions = dict(state.models), state.versions
         updates, rejected, transfers = [], {}, []
-        for site in order:
+        refused = {} if ledger is None else ledger.deliver()
+
+        def nxt_site(hop: int) -> str | None:
+            """Who the model goes to next: the cycle's next site, else the next cycle's first."""
+            if hop + 1 < len(order):
+                return order[hop + 1]
+            return self.visit_order(r + 1)[0] if r + 1 < self.config.federation.rounds else None
+
+        for hop, site in enumerate(order):
             reporter.site(site)
+            if site in refused:
+                rejected[site] = refused[site]
+                continue
             if holder is not None and holder != site:
                 transfers.append(Transfer(holder, site))
             # The cycle number is the round index: one site's trainings then draw exactly what a
@@ -237,22 +260,37 @@ class _Peers:
             if isinstance(out, Failure):
                 rejected[site] = out.reason  # the holder hands the model to the next site instead
                 continue
+            if ledger is not None:
+                ledger.hop(
+                    r, hop=hop, update=out, start=carried, sender=holder, receiver=nxt_site(hop)
+                )
             carried, holder, models[site] = out.params, site, out.params
             versions = gossip.bump(versions, site, ())
             updates.append(out)
         new = PeerState(models, versions, carried, holder)
         return _Round(new, updates, rejected, transfers, list(order))
 
-    def gossip_round(self, r: int, state: PeerState, reporter: Reporter) -> _Round:
-        """``num_sites`` steps of pull -> merge -> train -> bump, each at a random site."""
+    def gossip_round(
+        self, r: int, state: PeerState, reporter: Reporter, ledger: PeerLedger | None = None
+    ) -> _Round:
+        """``num_sites`` steps of pull -> merge -> train -> bump, each at a random site.
+
+        ``ledger``: each accepted step is signed by the pulling site; a site whose replica refused
+        the chain (a fork) sits its steps out.
+        """
         k = len(self.sites)
         models, versions = dict(state.models), state.versions
         updates, rejected, transfers, steps = [], {}, [], []
         participants: list[str] = []
         merges: dict[str, list[str]] = {}
+        refused = {} if ledger is None else ledger.deliver()
         for step in range(r * k, (r + 1) * k):
             site = gossip.choose_site(self.sites, numpy_rng(self.config.seed, "gossip", step))
             reporter.site(site)
+            if site in refused:
+                rejected[site] = refused[site]
+                steps.append(GossipStep(site, [], accepted=False))
+                continue
             participants += [] if site in participants else [site]
             peers = gossip.pull(versions, site, policy=self.config.peer.pull)
             transfers += [Transfer(p, site) for p in peers]
@@ -267,6 +305,8 @@ class _Peers:
             if isinstance(out, Failure):
                 rejected[site] = out.reason  # not bumped: it pulls the same peers next time
                 continue
+            if ledger is not None:
+                ledger.step(r, step=step, update=out, merged=peers)
             models[site] = out.params
             versions = gossip.bump(versions, site, peers)
             updates.append(out)
@@ -383,6 +423,10 @@ def run_peer(
             start_round = ckpt.round_idx + 1
             wall_offset = float(ckpt.meta.get("wall_seconds", 0.0))
             history = History.resume(hist_path, upto_round=ckpt.round_idx)
+    ledger = PeerLedger.for_run(config, out_dir, sites=peers.sites, config_hash=chash)
+    if ledger is not None:  # a resumed run appends to the same chain
+        v = state.versions.versions
+        ledger.begin_peer(start_round - 1, initial=init, models=state.models, versions=v)
     nbytes = params_nbytes(init)
     rounds = config.federation.rounds
     t_start = time.perf_counter()
@@ -390,9 +434,9 @@ def run_peer(
     for r in range(start_round, rounds):
         t0 = time.perf_counter()
         done = (
-            peers.cycle_round(r, state, reporter)
+            peers.cycle_round(r, state, reporter, ledger)
             if is_cyclic
-            else peers.gossip_round(r, state, reporter)
+            else peers.gossip_round(r, state, reporter, ledger)
         )
         state = done.state
         for site, reason in done.rejected.items():
@@ -423,7 +467,17 @@ def run_peer(
             extra={PEER_KEY: asdict(extra)},
         )
         history.append(record)
-        save_checkpoint(
+        if ledger is not None:
+            ledger.peer_round(
+                r,
+                consensus=ev.consensus,
+                included=[u.site for u in done.updates],
+                rejected=done.rejected,
+                order=done.participants,
+                versions=state.versions.versions,
+                steps=[asdict(s) for s in done.steps or []],
+            )
+        ckpt_dir = save_checkpoint(
             out_dir,
             round_idx=r,
             global_params=ev.consensus,
@@ -440,9 +494,13 @@ def run_peer(
             },
             keep_last=config.checkpoint.keep_last,
         )
+        if ledger is not None:
+            ledger.checkpoint(r, ckpt_dir)
         reporter.round_done(record)
     final = gossip.consensus(state.models, peers.weights)
     save_params(final, out_dir / "final.safetensors")
+    if ledger is not None:
+        ledger.end(rounds=len(history), final_params=final, final=out_dir / "final.safetensors")
     summary = run_summary(history, config, chash, wall_offset + time.perf_counter() - t_start)
     summary[PEER_KEY] = _peer_summary(history, str(config.paradigm))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

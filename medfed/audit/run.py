@@ -184,9 +184,19 @@ class RunLedger:
         return entry
 
     def begin(
-        self, *, last_round: int, strategy: str, runtime_name: str, sites: Sequence[str]
+        self,
+        *,
+        last_round: int,
+        strategy: str,
+        runtime_name: str,
+        sites: Sequence[str],
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Run start on a fresh ledger; otherwise check the existing chain and append ``resume``."""
+        """Run start on a fresh ledger; otherwise check the existing chain and append ``resume``.
+
+        ``extra``: what a paradigm adds to the run-start entry (``medfed.audit.p2p``: paradigm,
+        topology, the initial model's digest), which its verifier reads back.
+        """
         if not len(self.store):
             from medfed import __version__
 
@@ -203,6 +213,7 @@ class RunLedger:
                     "keys": self.pins.hex,
                     "key_source": self.key_source,
                     "first_round": last_round + 1,
+                    **(extra or {}),
                 },
             )
             return
@@ -294,6 +305,19 @@ class RunLedger:
         self._digests[update.site] = digest
         return None
 
+    def queue(self, receipt: Receipt, *, digest: str) -> None:
+        """A site-signed entry the simulator received in-process (peer-to-peer, one-shot): its
+        signature is checked now and it is written with the next round entry, as ``admit`` does;
+        a site that signs twice in a round (gossip) leaves its latest digest in the round."""
+        public = self.pins.key(receipt.site)
+        message = signed_message(EntryKind.UPDATE, receipt.site, receipt.body, None)
+        if public is None or not verify_signature(public, receipt.signature, message):
+            raise LedgerError(
+                len(self.store), Issue.BAD_SIGNATURE, f"site {receipt.site!r}: receipt not signed"
+            )
+        self._pending.append((receipt.site, receipt))
+        self._digests[receipt.site] = digest
+
     # --- the coordinator's entries ---
     def round(
         self,
@@ -304,7 +328,9 @@ class RunLedger:
         included: Sequence[str],
         rejected: Mapping[str, str],
         privacy: Mapping[str, Any] | None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
+        """``extra``: a paradigm's own round facts (cyclic order, gossip versions, distillation)."""
         n = len(self.store)
         prev = self.head
         batch: list[Entry] = []
@@ -331,6 +357,7 @@ class RunLedger:
                 "rejected": dict(sorted(rejected.items())),
                 "update_digests": dict(sorted(self._digests.items())),
                 "epsilon": None if eps is None else dict(eps),
+                **(extra or {}),
             },
         )
         self._pending, self._digests = [], {}
@@ -345,13 +372,24 @@ class RunLedger:
             },
         )
 
-    def end(self, *, rounds: int, global_params: Params, final: Path, stopped: str | None) -> None:
+    def end(
+        self,
+        *,
+        rounds: int,
+        global_params: Params,
+        final: Path,
+        stopped: str | None,
+        files: Sequence[Path] = (),
+    ) -> None:
+        """``files``: more files the run's result rests on (one-shot: the teachers uploaded)."""
         self._append(
             EntryKind.RUN_END,
             {
                 "rounds": rounds,
                 "final_digest": tensor_digest(global_params),
-                "files": {final.relative_to(self.run_dir).as_posix(): file_digest(final)},
+                "files": {
+                    f.relative_to(self.run_dir).as_posix(): file_digest(f) for f in (final, *files)
+                },
                 "stopped": stopped,
             },
         )

@@ -2,10 +2,11 @@
 
 The checks, in order of trust: the chain (index, hash, link, pinned signer, signature of every
 entry), the story it tells (updates belong to the round that follows them, a round includes only
-updates recorded in it, nothing after the run's end), the files (every checkpoint still on disk and
-the final model match their recorded digests; a model file without a ledger entry means the tail
-was cut), and the replicas (each site's copy is a prefix of the coordinator's, entry for entry).
-The first broken entry is reported with what is wrong; nothing after a broken link is trusted.
+updates recorded in it, nothing after the run's end but a ``resume`` that reopens it), the
+files (every checkpoint still on disk and the final model match their recorded digests; a model
+file without a ledger entry means the tail was cut), and the replicas (each site's copy is a
+prefix of the coordinator's, entry for entry). The first broken entry is reported with what is
+wrong; nothing after a broken link is trusted.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from medfed.audit.ledger import (
     check_entry,
     signature_ok,
 )
+from medfed.audit.lineage import Lineage
 from medfed.audit.run import LEDGER_FILE, REPLICA_DIR, dir_digests
 from medfed.checkpoint import checkpoint_round, list_checkpoints
 
@@ -60,6 +62,7 @@ class Verification:
     rounds: int = 0
     replicas: tuple[str, ...] = ()
     files_checked: int = 0
+    paradigm: str = "client-server"  # run_start's; only cyclic, gossip, one-shot runs name one
 
     @property
     def ok(self) -> bool:
@@ -80,6 +83,7 @@ class _Walk:
     run_end: tuple[int, dict[str, Any]] | None = None
     rounds: set[int] = field(default_factory=set)
     first_round: int = 0  # a ledger started when a run older than the ledger was resumed
+    lineage: Lineage | None = None  # cyclic, gossip, one-shot: who holds which model
 
 
 def walk_chain(entries: Sequence[Entry]) -> tuple[Problem | None, _Walk]:
@@ -140,6 +144,7 @@ def _cheap_pass(entries: Sequence[Entry]) -> tuple[Problem | None, _Walk]:
                 state.pins = Pins.from_start(e)
                 run_id, last = d["run_id"], int(d.get("first_round", 0)) - 1
                 state.first_round = last + 1
+                state.lineage = Lineage.from_start(d)
                 prev = e.hash
                 continue
             why = _story(e, d, run_id=run_id, last=last, updates=updates, state=state)
@@ -163,9 +168,13 @@ def _story(
     """The first way entry ``e`` contradicts the entries before it, or None."""
     if d.get("run_id") != run_id:
         return Issue.MALFORMED, f"belongs to run {d.get('run_id')!r}, not {run_id!r}"
-    if state.run_end is not None:
-        return Issue.OUT_OF_ORDER, f"written after the run ended (entry {state.run_end[0]})"
     kind = EntryKind(e.kind)
+    if state.run_end is not None:
+        if kind is not EntryKind.RESUME:
+            return Issue.OUT_OF_ORDER, f"written after the run ended (entry {state.run_end[0]})"
+        # `--resume` on a finished run reopens it (a one-shot run re-enters every finished
+        # teacher): the old end stays in the chain, and the run must end again.
+        state.run_end = None
     if kind is EntryKind.RUN_START:
         return Issue.OUT_OF_ORDER, "a second run_start"
     if kind is EntryKind.UPDATE:
@@ -176,8 +185,10 @@ def _story(
                 Issue.OUT_OF_ORDER,
                 f"an update for round {d['round']}, expected round {last + 1}",
             )
-        if e.signer in updates:
+        if e.signer in updates and not (state.lineage and state.lineage.repeats):
             return Issue.OUT_OF_ORDER, f"a second update from {e.signer!r} in round {last + 1}"
+        if state.lineage is not None and (why := state.lineage.update(d)) is not None:
+            return why
         updates[e.signer] = str(d["digest"])
     elif kind is EntryKind.ROUND:
         if int(d["round"]) != last + 1:
@@ -190,6 +201,8 @@ def _story(
         missing = sorted(set(d["included"]) - set(updates))
         if missing:
             return Issue.OUT_OF_ORDER, f"includes site(s) {missing} with no update entry this round"
+        if state.lineage is not None and (why := state.lineage.round(d)) is not None:
+            return why
         state.rounds.add(int(d["round"]))
     elif kind is EntryKind.CHECKPOINT:
         if int(d["round"]) not in state.rounds:
@@ -206,7 +219,11 @@ def _story(
                 Issue.OUT_OF_ORDER,
                 f"resumes after round {d['from_round']}, which was never completed",
             )
+        if state.lineage is not None:
+            state.lineage.resume(int(d["from_round"]))
     elif kind is EntryKind.RUN_END:
+        if state.lineage is not None and (why := state.lineage.end()) is not None:
+            return why
         state.run_end = (e.index, d)
     return None
 
@@ -402,4 +419,7 @@ def verify_run(
         rounds=len(state.rounds),
         replicas=tuple(str(p) for p in dict.fromkeys(paths)),
         files_checked=checked,
+        paradigm=str(entries[0].data.get("paradigm", "client-server"))
+        if state.pins
+        else "client-server",
     )

@@ -16,7 +16,9 @@ LEDGER_SECTION = ("ledger", "Ledger")
 LEDGER_NOTE = (
     "Each run keeps a hash-chained, Ed25519-signed ledger of every update, aggregate and "
     "checkpoint (RUN_DIR/ledger). Check one yourself with `medfed ledger verify RUN_DIR`; "
-    "`medfed ledger show RUN_DIR` lists who contributed what in each round."
+    "`medfed ledger show RUN_DIR` lists who contributed what in each round. Cyclic and gossip "
+    "runs record every model hand-over signed by the site that made it; a one-shot run records "
+    "each site's single upload and the distillation, and each teacher keeps its own ledger."
 )
 
 
@@ -28,6 +30,7 @@ class LedgerRow:
     head: str
     ok: bool
     status: str
+    paradigm: str = "client-server"  # the run's; "one_shot teacher" for a teacher's own ledger
 
 
 def ledger_runs(study_dir: Path) -> list[Path]:
@@ -51,7 +54,9 @@ def ledger_rows(study_dir: Path) -> list[LedgerRow]:
             rows.append(LedgerRow(rel, 0, 0, "", False, f"unreadable: {err}"))
             continue
         status = "verified" if v.ok else f"BROKEN at {v.problems[0].describe()}"
-        rows.append(LedgerRow(rel, v.entries, v.rounds, v.head or "", v.ok, status))
+        teacher = run.parent.name == "sites" and (run.parent.parent / LEDGER_FILE).is_file()
+        paradigm = "one_shot teacher" if teacher else v.paradigm
+        rows.append(LedgerRow(rel, v.entries, v.rounds, v.head or "", v.ok, status, paradigm))
     return rows
 
 
@@ -60,10 +65,11 @@ def ledger_html(study_dir: Path) -> str:
     if not rows:
         return ""
     body = "".join(
-        f"<tr><td>{escape(r.run)}</td><td>{r.entries}</td><td>{r.rounds}</td>"
+        f"<tr><td>{escape(r.run)}</td><td>{escape(r.paradigm)}</td>"
+        f"<td>{r.entries}</td><td>{r.rounds}</td>"
         f'<td><code title="{escape(r.head)}">{escape(r.head[:16])}…</code></td>'
         f'<td class="{"ok" if r.ok else "bad"}">{escape(r.status)}</td></tr>'
         for r in rows
     )
-    head = "<tr><th>run</th><th>entries</th><th>rounds</th><th>head hash</th><th>status</th></tr>"
+    head = "<tr><th>run</th><th>paradigm</th><th>entries</th><th>rounds</th><th>head hash</th><th>status</th></tr>"
     return f"<p>{escape(LEDGER_NOTE)}</p><table><thead>{head}</thead><tbody>{body}</tbody></table>"

@@ -35,7 +35,7 @@ quickstart: $(VENV)/.base
 	$(VENV)/bin/medfed run configs/quickstart.yaml --out runs/quickstart-$(STAMP)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
 
 lint: $(VENV)/.test
 	$(PIP) install -qq ruff mypy

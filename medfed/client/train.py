@@ -116,7 +116,7 @@ def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
 
 
-def _autocast(device: torch.device, enabled: bool) -> AbstractContextManager[object]:
+def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[object]:
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -260,7 +260,7 @@ def train_local(
                 y = torch.where(flip.view(-1, *([1] * (y.ndim - 1))), y.flip(-1), y)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             loss = criterion(net(x), y)
         if loss_term is not None:
             loss = loss + loss_term(model)
@@ -291,7 +291,7 @@ def _eval_logits(
     model.eval()
     for start in range(0, len(data), batch_size):
         x = to_input(data.images[start : start + batch_size], device, normalize=normalize)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             yield model(x)
 
 

@@ -38,6 +38,7 @@ from medfed.client.train import (
     Batches,
     TrainOptions,
     TrainResult,
+    autocast,
     make_optimizer,
     shuffled_batches,
     to_input,
@@ -102,8 +103,6 @@ def static_reason(
     """Why this run's client rounds cannot be vectorised (None: they can)."""
     if task is not Task.CLASSIFICATION:
         return f"task {task}: only the classification loss is vectorised"
-    if opts.amp and device.type == "cuda":
-        return "train.amp: bf16 autocast is not reproduced (set train.amp=false)"
     reason = model_reason(model)
     if reason is not None:
         return reason
@@ -310,7 +309,8 @@ class VectorTrainer:
         anchor = {k: v[0] for k, v in params.items()}
         try:
             self.model.train()
-            self.grad_fn(params, buffers, shared, x, y, w, anchor)
+            with autocast(self.device, self.step.options.amp):
+                self.grad_fn(params, buffers, shared, x, y, w, anchor)
         except Exception as err:  # any failure means: not this model, train sequentially
             return f"the model does not run under torch.func.vmap ({type(err).__name__}: {err})"
         return None
@@ -349,9 +349,10 @@ class VectorTrainer:
             if flips is not None:
                 f = flips[s].view(*ix.shape, *([1] * len(sample_shape)))
                 x = torch.where(f, x.flip(-1), x)
-            grads, loss = self.grad_fn(
-                params, buffers, shared, x, labels[ix].long(), weight[s], anchor
-            )
+            with autocast(device, opts.amp):  # bf16 on CUDA, as train_local's forward
+                grads, loss = self.grad_fn(
+                    params, buffers, shared, x, labels[ix].long(), weight[s], anchor
+                )
             if self.step.grad_term is not None:
                 grads = self.step.grad_term(grads, aux)
             optimizer.step(params, grads)

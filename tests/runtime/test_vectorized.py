@@ -459,3 +459,59 @@ def test_engine_run_vectorised_matches_sequential_with_pooled_metrics_only(tmp_p
         assert {s: r["examples"] for s, r in a["sites"].items()} == {
             s: r["examples"] for s, r in b["sites"].items()
         }
+
+
+def test_bf16_autocast_runs_the_vectorised_forward_in_bf16_like_the_sequential_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``train.amp`` (bf16 autocast, CUDA only) is no longer a reason to train sequentially. On
+    this CPU both paths are given CPU bf16 autocast instead: the vmapped forward must run its
+    convolutions in bf16 (a hook sees the dtype; the weights alone cannot tell, as bf16 moves
+    these 4 small steps by ~3e-5, about what batched bf16 kernels differ by) and land within
+    bf16 rounding of the sequential bf16 round."""
+    import contextlib
+
+    import medfed.client.train as train_mod
+    import medfed.runtime.vectorized as vec_mod
+
+    def cpu_bf16(device: torch.device, enabled: bool):  # type: ignore[no-untyped-def]
+        if enabled:
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(train_mod, "autocast", cpu_bf16)
+    monkeypatch.setattr(vec_mod, "autocast", cpu_bf16)
+    opts = TrainOptions(batch_size=8, max_steps=4, lr=0.01, amp=True)
+    fedavg = STRATEGIES.create("fedavg", {})
+    assert static_reason(_model(), fedavg, opts, task=Task.CLASSIFICATION, device=CPU) is None
+    dtypes: set[torch.dtype] = set()
+    results = {}
+    for mode in (VectorizeMode.OFF, VectorizeMode.ON):
+        model = _model()
+        hook = model.conv.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+        params = read_params(model)
+        runtime = _runtime(fedavg, model, opts, mode)
+        if mode is VectorizeMode.ON:
+            trained = _count_vectorised(runtime)
+        dtypes.clear()
+        results[mode] = runtime.execute(0, list(SITES), params, {})
+        assert dtypes == {torch.bfloat16}, (mode, dtypes)
+        hook.remove()
+    assert sum(trained) == len(SITES)
+    fp32 = _runtime(fedavg, _model(), opts.model_copy(update={"amp": False}), VectorizeMode.OFF)
+    exact = fp32.execute(0, list(SITES), read_params(_model()), {})
+    for seq, vec, ref in zip(
+        results[VectorizeMode.OFF], results[VectorizeMode.ON], exact, strict=True
+    ):
+        for k, v in seq.params.items():
+            if not v.is_floating_point():
+                continue
+            _close(vec.params[k], v, atol=2e-4)  # measured <= 5e-5: two bf16 roundings
+        assert (
+            max(
+                (seq.params[k] - ref.params[k]).abs().max().item()
+                for k in seq.params
+                if seq.params[k].is_floating_point()
+            )
+            > 1e-5
+        )  # bf16 really changed the arithmetic

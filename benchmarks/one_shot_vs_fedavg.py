@@ -7,6 +7,7 @@ one-shot / R-round FedAvg accuracy (target >= 0.90). All runs share data, seed a
     python benchmarks/one_shot_vs_fedavg.py                                # configs/one-shot-thyroid.yaml
     python benchmarks/one_shot_vs_fedavg.py --set data.ultrasound.scale=0.05 \\
         --set one_shot.fedisca.synthesis_iterations=4 ...                  # smoke run
+    python benchmarks/one_shot_vs_fedavg.py --config configs/one-shot-medmnist.yaml --threads 1
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,10 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/one-shot-thyroid.yaml")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     base = load_config(args.config, args.overrides)
     rounds = base.federation.rounds
     fed, _ = load_federation(base.data)
+    for site in fed.sites:  # the heterogeneity the runs face (label skew for partitioned data)
+        print(f"{site.name:>12}: train {site.train.class_counts()}  val {site.val.class_counts()}")
     out = Path(args.out or tempfile.mkdtemp(prefix="oneshot-"))
     variants = {
         "one_shot": base,

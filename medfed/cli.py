@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth = dsub.add_parser("synth", help="generate a synthetic federation to a folder")
     synth.add_argument("kind", choices=["ultrasound", "histology"])
     synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument(
+        "--format",
+        choices=["folder", "medmnist"],
+        default="folder",
+        help="folder: per-site cache + manifest + preview; medmnist: one OUT/<kind>mnist.npz in "
+        "MedMNIST's layout (train/val = training sites pooled, test = the external site)",
+    )
+    synth.add_argument("--size", type=int, default=28, help="medmnist: image side in pixels")
     _add_set(synth)
     prev = dsub.add_parser("preview", help="PNG grid of example images per site, masks outlined")
     prev.add_argument(
@@ -337,6 +345,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
         return _cmd_deid(args)
     if args.data_command == "check":
         return _cmd_check(args)
+    if args.data_command == "synth" and args.format == "medmnist":
+        return _synth_medmnist(args)
     if args.data_command == "synth":
         data = _data_config(None, args.overrides, kind=args.kind)
         out = Path(args.out)
@@ -371,6 +381,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
         fed, Path(args.out), per_site=args.per_site, class_names=_class_names(kind)
     )
     console.print(f"[green]wrote[/] {path}")
+    return 0
+
+
+def _synth_medmnist(args: argparse.Namespace) -> int:
+    from medfed.data.synthetic.medmnist_export import medmnist_arrays, write_medmnist
+    from medfed.engine import load_federation
+
+    fed, _ = load_federation(_data_config(None, args.overrides, kind=args.kind))
+    arrays = medmnist_arrays(fed, size=args.size)
+    path = write_medmnist(Path(args.out) / f"{args.kind}mnist.npz", arrays)
+    counts = ", ".join(f"{s} {len(arrays[f'{s}_labels'])}" for s in ("train", "val", "test"))
+    console.print(f"[green]wrote[/] {path} ({counts}; {args.size}x{args.size})")
     return 0
 
 

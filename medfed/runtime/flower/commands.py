@@ -16,22 +16,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from medfed.config import load_config
-from medfed.runtime.flower.deploy import (
-    FlowerDeploymentError,
-    RunResult,
+from medfed.runtime.flower.deploy import RunResult
+from medfed.runtime.flower.deploy_args import (
     RunStatus,
     SuperLinkConnection,
     SuperLinkOptions,
     SuperNodeOptions,
     TlsFiles,
-    _run_cli,
-    explain_flower_error,
-    flower_env,
     list_runs_args,
     register_args,
     run_args,
     run_log_args,
 )
+from medfed.runtime.flower.deploy_errors import FlowerDeploymentError, explain_flower_error
+from medfed.runtime.flower.deploy_processes import _run_cli, flower_env
 from medfed.runtime.flower.server import write_app_dir
 
 DEFAULT_HOME = Path.home() / ".medfed" / "flwr"  # medfed's own FLWR_HOME, never ~/.flwr

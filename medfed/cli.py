@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the federation's shared CKKS secret context (`medfed he keys`), for privacy.he runs",
     )
+    node.add_argument(
+        "--ledger-dir",
+        type=Path,
+        help="folder for this site's ledger key and replicas (default $MEDFED_LEDGER_DIR, else "
+        "memory: a new key per run, which a resumed run refuses)",
+    )
     _insecure(node)
     reg = fsub.add_parser("register", help="allow a SuperNode's public key to join")
     reg.add_argument("public_key", type=Path, metavar="PUBKEY")
@@ -183,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     frun.add_argument("--sites", type=int, required=True, help="SuperNodes to wait for")
     frun.add_argument("--out", type=Path, help="run directory on the SuperLink's machine")
     frun.add_argument("--timeout", type=float, default=600.0, help="seconds to wait per exchange")
+    frun.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (same config; not with --secagg)",
+    )
     frun.add_argument(
         "--secagg",
         action="store_true",
@@ -425,6 +436,7 @@ def _cmd_flower(args: argparse.Namespace) -> int:
         return commands.supernode(
             args.superlink, site=args.site, site_data=args.site_data, ca=args.ca, key=args.key,
             port=args.port, insecure=args.insecure, he_context=args.he_context,
+            ledger_dir=args.ledger_dir,
         )  # fmt: skip
     if cmd == "register":
         node_id = commands.register(args.public_key, superlink_address=args.superlink, ca=args.ca)
@@ -433,6 +445,10 @@ def _cmd_flower(args: argparse.Namespace) -> int:
     if cmd == "run" and args.secagg:
         from medfed.runtime.flower.secagg import SecAggOptions, run_deployment
 
+        if args.resume:
+            raise ValueError(
+                "--resume with --secagg: a SecAgg+ run cannot be resumed yet; start it anew"
+            )
         options = SecAggOptions(
             num_shares=args.secagg_shares, reconstruction_threshold=args.secagg_threshold
         )
@@ -443,7 +459,7 @@ def _cmd_flower(args: argparse.Namespace) -> int:
     elif cmd == "run":
         result = commands.run(
             args.config, superlink_address=args.superlink, ca=args.ca, sites=args.sites,
-            out=args.out, timeout=args.timeout, insecure=args.insecure,
+            out=args.out, timeout=args.timeout, insecure=args.insecure, resume=args.resume,
         )  # fmt: skip
     if cmd == "run":
         if not result.ok:

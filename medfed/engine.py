@@ -186,7 +186,7 @@ def train_loop(
     resume: bool,
     reporter: Reporter,
     label: str,
-    resumable: bool = True,
+    resume_command: str | None = "medfed run --resume {out_dir}",
 ) -> RunResult:
     """plan -> execute -> validate -> aggregate -> evaluate -> record -> checkpoint, per round.
 
@@ -300,8 +300,8 @@ def train_loop(
                 f"sampled site(s), min_clients={min_clients}; rejected: "
                 + "; ".join(f"{s}: {why}" for s, why in rejected.items())
                 + (
-                    f". Fix the sites, then `medfed run --resume {out_dir}`"
-                    if r and resumable
+                    f". Fix the sites, then `{resume_command.format(out_dir=out_dir)}`"
+                    if r and resume_command
                     else ""
                 )
             )

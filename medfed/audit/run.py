@@ -225,7 +225,7 @@ class RunLedger:
                 raise LedgerError(i, *problem)
             if i == 0 and Pins.from_start(e).hex != self.pins.hex:
                 raise LedgerError(
-                    0, Issue.UNPINNED_SIGNER, "the run's keys differ from those pinned at its start"
+                    0, Issue.UNPINNED_SIGNER, _changed_keys(Pins.from_start(e).hex, self.pins.hex)
                 )
             prev = e.hash
         self.run_id = str(entries[0].data["run_id"])
@@ -394,3 +394,18 @@ class RunLedger:
             },
         )
         self.sync_all()
+
+
+def _changed_keys(pinned: Mapping[str, str], now: Mapping[str, str]) -> str:
+    """Why a resumed run cannot continue the chain: whose key is not the one pinned at the start.
+
+    A Flower site without a lasting key (node config ``ledger-dir`` or ``ledger-key``) makes a new
+    one per run, so a resumed deployment meets it as a stranger.
+    """
+    changed = sorted(s for s in set(pinned) | set(now) if pinned.get(s) != now.get(s))
+    return (
+        f"the run's keys differ from those pinned at its start for {', '.join(changed)}; a resumed "
+        "run must be signed by the same coordinator and sites: give the coordinator its key "
+        "(ledger.coordinator_key) and each Flower site a lasting one (node config ledger-dir=PATH "
+        "or ledger-key=FILE)"
+    )

@@ -288,3 +288,26 @@ def test_unknown_error_still_quotes_output() -> None:
     assert explain_flower_error("something odd", context="x") == (
         "x failed\n--- last output ---\nsomething odd"
     )
+
+
+def test_medfed_supernode_passes_its_site_data_and_ledger_folder(tmp_path, monkeypatch) -> None:
+    """`medfed flower supernode --ledger-dir` reaches the ClientApp as node config, so the site
+    keeps one ledger key across runs (what a resumed deployment needs)."""
+    from medfed.cli import main as cli_main
+    from medfed.runtime.flower import commands
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(commands, "_foreground", lambda argv, **_: seen.append(argv) or 0)
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text("name: s\ndata: {ultrasound: {num_sites: 2}}\n")
+    (tmp_path / "key").write_text("k")
+    (tmp_path / "ca.crt").write_text("c")
+    argv = ["flower", "supernode", "--superlink", "h:1", "--site", "site1", "--site-data"]
+    argv += [str(site_yaml), "--key", str(tmp_path / "key"), "--ca", str(tmp_path / "ca.crt")]
+    assert cli_main([*argv, "--ledger-dir", str(tmp_path / "ledger")]) == 0
+    node_config = seen[-1][seen[-1].index("--node-config") + 1]
+    assert f'ledger-dir="{tmp_path / "ledger"}"' in node_config
+    assert (tmp_path / "ledger").is_dir()
+    assert 'site="site1"' in node_config and f'data-config="{site_yaml}"' in node_config
+    assert cli_main(argv) == 0
+    assert "ledger-dir" not in seen[-1][seen[-1].index("--node-config") + 1]

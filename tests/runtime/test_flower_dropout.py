@@ -27,9 +27,14 @@ pytest.importorskip("flwr")
 
 from flwr.app import Message, MessageType, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
+from medfed.audit.ledger import EntryKind, SqliteChain  # noqa: E402
+from medfed.audit.run import LEDGER_FILE  # noqa: E402
+from medfed.audit.verify import verify_run  # noqa: E402
 from medfed.config import RunConfig, load_config  # noqa: E402
 from medfed.engine import load_federation  # noqa: E402
+from medfed.engine import run as run_in_process  # noqa: E402
 from medfed.runtime.flower import server  # noqa: E402
 from medfed.runtime.flower.certs import generate_dev_certificates  # noqa: E402
 from medfed.runtime.flower.deploy import (  # noqa: E402
@@ -101,12 +106,25 @@ class Dropout:
     killed: str
     others: list[str]
     seconds: float
+    rows: list[dict[str, Any]]  # history.jsonl when the run ended (before any resume)
+    summary: bool  # whether summary.json existed then
+    resumed: RunResult | None = None
+    config: Path | None = None
 
 
-def _run_with_dropout(tmp_path: Path, material: Material, *, min_clients: int) -> Dropout:
+def _run_with_dropout(
+    tmp_path: Path, material: Material, *, min_clients: int, restart_and_resume: bool = False
+) -> Dropout:
+    """``restart_and_resume``: once the run has ended, start the dead site's SuperNode again
+    (same key, same data) and continue the run with ``resume = true`` in the same deployment."""
     cfg = _write_config(tmp_path / "run.yaml", material.cache, min_clients=min_clients)
     nodes = [
-        NodeSpec(priv, pub, {"site": site, "data-config": str(cfg)})
+        # ledger-dir: each site's lasting ledger key and replicas, which a resumed run needs
+        NodeSpec(
+            priv,
+            pub,
+            {"site": site, "data-config": str(cfg), "ledger-dir": str(tmp_path / "at" / site)},
+        )
         for (priv, pub), site in zip(material.keys, material.sites, strict=True)
     ]
     out = tmp_path / "flower-run"
@@ -130,11 +148,17 @@ def _run_with_dropout(tmp_path: Path, material: Material, *, min_clients: int) -
         killed_pids = dep.stop_supernode(KILLED)
         assert all(not alive(p) for p in killed_pids)
         result = future.result(timeout=660)
+        rows, summary = _rounds(history), (out / "summary.json").exists()
+        resumed = None
+        if restart_and_resume:
+            dep.start_supernode(nodes[KILLED])  # the ServerApp's discovery waits for it
+            resumed = dep.run_app(app, run_config={**run_config, "resume": True}, timeout=600)
         pids = sorted(set(pids) | set(dep.all_pids()))
     seconds = time.monotonic() - t0
     assert_no_leaks(dep, pids)
     killed = material.sites[KILLED]
-    return Dropout(result, out, killed, [s for s in material.sites if s != killed], seconds)
+    others = [s for s in material.sites if s != killed]
+    return Dropout(result, out, killed, others, seconds, rows, summary, resumed, cfg)
 
 
 def _rounds(history: Path) -> list[dict[str, Any]]:
@@ -175,8 +199,10 @@ def test_round_completes_without_a_dead_supernode_when_min_clients_allows(tmp_pa
 
 
 @pytest.mark.slow
-def test_run_fails_clearly_when_a_dead_supernode_leaves_too_few(tmp_path, material):
-    run = _run_with_dropout(tmp_path, material, min_clients=3)
+def test_run_fails_clearly_when_a_dead_supernode_leaves_too_few_then_resumes(tmp_path, material):
+    """The failure names the site and the way out; following it (restart the site, `--resume`)
+    finishes the run from round 0's checkpoint, as if it had never failed."""
+    run = _run_with_dropout(tmp_path, material, min_clients=3, restart_and_resume=True)
     res = run.result
     assert res.status is RunStatus.FAILED, (res.status, res.details)
     text = f"{res.details}\n{res.log}"
@@ -184,10 +210,34 @@ def test_run_fails_clearly_when_a_dead_supernode_leaves_too_few(tmp_path, materi
     # Whichever comes first: our timeout or the SuperLink's missed-heartbeat verdict.
     assert re.search(rf"{run.killed}: (no reply|dropped out)", text), text[-3000:]
     assert "FederationError" in text
+    assert [r["round"] for r in run.rows] == [0]  # round 1 failed; nothing half-recorded
+    assert not run.summary
+    assert f"medfed flower run CONFIG --resume --out {run.out}" in text  # the way out
+    print(f"dropout run with min_clients=3, then resumed: {run.seconds:.0f} s")
+
+    # --- resumed: rounds 1.. again from round 0's checkpoint, on all three sites
+    res = run.resumed
+    assert res is not None and res.ok, res and (res.status, res.details, res.log[-3000:])
     rows = _rounds(run.out / "history.jsonl")
-    assert [r["round"] for r in rows] == [0]  # round 1 failed; nothing half-recorded
-    assert not (run.out / "summary.json").exists()
-    print(f"dropout run with min_clients=3: {run.seconds:.0f} s")
+    assert [r["round"] for r in rows] == list(range(ROUNDS))
+    for row in rows[1:]:
+        assert row["rejected"] == {} and sorted(row["sites"]) == material.sites
+    assert json.loads((run.out / "summary.json").read_text())["rounds"] == ROUNDS
+    # The same model as a run that never failed (the simulator's, from the same config).
+    assert run.config is not None
+    config = load_config(run.config)
+    fed, _ = load_federation(config.data)
+    ref = run_in_process(config, out_dir=tmp_path / "inproc", federation=fed, progress=False)
+    ours = load_file(str(run.out / "final.safetensors"))
+    for k, v in ref.final_params.items():
+        diff = (ours[k].double() - v.double()).abs().max().item() if v.numel() else 0.0
+        assert diff <= 1e-6, (k, diff)
+    # One chain: the failed attempt, a `resume` entry, then the resumed rounds, all verified.
+    v = verify_run(run.out)
+    assert v.ok, [p.describe() for p in v.problems]
+    entries = SqliteChain(run.out / LEDGER_FILE, create=False).entries()
+    resume = [e.data for e in entries if e.kind == EntryKind.RESUME]
+    assert len(resume) == 1 and resume[0]["from_round"] == 0
 
 
 # --------------------------------------------------------------------------- leak checks

@@ -95,8 +95,12 @@ def supernode(
     port: int,
     insecure: bool,
     he_context: Path | None = None,
+    ledger_dir: Path | None = None,
 ) -> int:
-    """A hospital's SuperNode: its data is named here and read only on this machine."""
+    """A hospital's SuperNode: its data is named here and read only on this machine.
+
+    ``ledger_dir`` keeps the site's ledger key and replicas on its disk, so the site signs with
+    the same key in every run (a resumed run refuses a site whose key changed)."""
     if not site_data.is_file():
         raise FileNotFoundError(f"--site-data {site_data}: no such run/data config file")
     load_config(site_data)  # a typo in the site's data config fails here, not in round 1
@@ -105,6 +109,9 @@ def supernode(
         if not he_context.is_file():
             raise FileNotFoundError(f"--he-context {he_context}: no such file")
         node_config["he-context"] = str(he_context.resolve())
+    if ledger_dir is not None:
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        node_config["ledger-dir"] = str(ledger_dir.resolve())
     options = SuperNodeOptions(
         superlink=superlink_address,
         root_certificates=None if insecure else ca,
@@ -153,8 +160,10 @@ def run(
     timeout: float,
     insecure: bool = False,
     home: Path = DEFAULT_HOME,
+    resume: bool = False,
 ) -> RunResult:
-    """Start a medfed run on the federation and wait for its outcome (not just the CLI's)."""
+    """Start a medfed run on the federation and wait for its outcome (not just the CLI's);
+    ``resume`` continues the run in ``out`` from its last checkpoint."""
     loaded = load_config(config)  # validate before anything is sent
     env = _connection(superlink_address, ca, insecure=insecure, home=home)
     app = write_app_dir(home / "apps" / "medfed")
@@ -163,6 +172,7 @@ def run(
         "out": str((out or Path("runs") / f"{loaded.name}-flower").resolve()),
         "num-sites": sites,
         "timeout": timeout,
+        "resume": resume,
     }
     return launch(app, run_config, env)
 

@@ -22,6 +22,7 @@ from torch import nn
 from medfed.audit.run import RunLedger
 from medfed.audit.site import Receipt
 from medfed.build import model_for_shape
+from medfed.checkpoint import checkpoint_round, list_checkpoints
 from medfed.client.train import resolve_device
 from medfed.config import RunConfig, load_config
 from medfed.engine import (
@@ -354,12 +355,23 @@ def serve(
     num_sites: int,
     timeout: float = 600.0,
     progress: bool = True,
+    resume: bool = False,
 ) -> RunResult:
-    """The ServerApp's body: discover the sites, then medfed's loop over Flower."""
+    """The ServerApp's body: discover the sites, then medfed's loop over Flower.
+
+    ``resume`` continues the run in ``out_dir`` from its last checkpoint, as ``medfed run
+    --resume`` does in the simulator: the config must hash the same, the server's privacy
+    accountant and the ledger carry on (the sites' replicas accept the chain they already hold),
+    and each site keeps what its SuperNode kept (e.g. SCAFFOLD's c_i in the node's state).
+    """
     out_dir = Path(out_dir)
     if config.paradigm is not Paradigm.FEDERATED:
         raise FederationError(f"the Flower runtime runs federated training, not {config.paradigm}")
-    _prepare_dir(out_dir, config, resume=False)
+    if resume and not (out_dir / "config.yaml").is_file():
+        raise FederationError(f"{out_dir}: no run to resume (no config.yaml there)")
+    _prepare_dir(out_dir, config, resume=resume)
+    done = list_checkpoints(out_dir) if resume else []
+    first_round = (checkpoint_round(done[-1]) or 0) + 1 if done else 0
     keys: dict[str, str] = {}
     he_public: dict[str, bytes | None] | None = None if config.privacy.he is None else {}
     nodes, shape, spatial = discover(
@@ -378,7 +390,7 @@ def serve(
         runtime.encrypted_aggregation = FlowerEncryptedAggregation(
             public, send=runtime._exchange, task=runtime._task
         )
-    rounds = iter(range(config.federation.rounds))
+    rounds = iter(range(first_round, config.federation.rounds))
 
     def evaluate(global_params: Params, _: Mapping[str, ClientState]) -> RoundEval:
         return runtime.evaluate(next(rounds), global_params)
@@ -394,10 +406,10 @@ def serve(
         min_clients=config.federation.min_clients,
         fraction=config.federation.fraction,
         out_dir=out_dir,
-        resume=False,
+        resume=resume,
         reporter=Reporter(enabled=progress),
         label="flower",
-        resumable=False,  # `medfed run --resume` is the simulator's; a deployment starts anew
+        resume_command="medfed flower run CONFIG --resume --out {out_dir} ...",
     )
     runtime.sync_ledger()  # the sites' replicas receive the run's last entries
     return result
@@ -419,7 +431,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry point: run config keys ``config`` (YAML path), ``out``, ``num-sites``."""
+    """Deployment entry point: run config keys ``config`` (YAML path), ``out``, ``num-sites``,
+    ``timeout`` and ``resume``."""
     rc = context.run_config
     if not rc.get("config"):
         raise FederationError("run config 'config' (path of the medfed YAML) is not set")
@@ -430,6 +443,7 @@ def main(grid: Grid, context: Context) -> None:
         out_dir=Path(str(rc.get("out") or f"runs/{config.name}-flower")),
         num_sites=as_int(rc.get("num-sites", config.federation.min_clients)),
         timeout=as_float(rc.get("timeout", 600.0)),
+        resume=str(rc.get("resume", "false")).lower() == "true",
     )
 
 

@@ -28,14 +28,21 @@ class SegmentationNet:
     spatial_dims: tuple[int, ...] = (2, 3)
 
 
-def _smallunet(*, spatial_dims: int, in_chans: int, num_classes: int, norm: str) -> nn.Module:
+def _smallunet(
+    *,
+    spatial_dims: int,
+    in_chans: int,
+    num_classes: int,
+    norm: str,
+    channels: tuple[int, ...] = (16, 32, 64, 128),
+) -> nn.Module:
     from monai.networks.nets import UNet
 
     return UNet(
         spatial_dims=spatial_dims,
         in_channels=in_chans,
         out_channels=num_classes,
-        channels=(16, 32, 64, 128),
+        channels=channels,
         strides=(2, 2, 2),
         num_res_units=1,
         norm=("instance", {"affine": True}) if norm == "instance" else "batch",
@@ -59,6 +66,24 @@ def smallunet(*, spatial_dims: int, in_chans: int, num_classes: int) -> nn.Modul
     """
     return _smallunet(
         spatial_dims=spatial_dims, in_chans=in_chans, num_classes=num_classes, norm="instance"
+    )
+
+
+def tinyunet(*, spatial_dims: int, in_chans: int, num_classes: int) -> nn.Module:
+    """:func:`smallunet` at half the width, channels (8, 16, 32, 64): about a quarter of the
+    parameters (52 k).
+
+    For differentially private training: DP-SGD adds noise of the same standard deviation to
+    every coordinate, so the noise's norm grows as the square root of the parameter count while
+    the clipped signal does not. On the synthetic H&E tiles the narrower net loses little
+    without DP, and it costs about half the compute.
+    """
+    return _smallunet(
+        spatial_dims=spatial_dims,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        norm="instance",
+        channels=(8, 16, 32, 64),
     )
 
 
@@ -107,6 +132,7 @@ def monai_attentionunet(*, spatial_dims: int, in_chans: int, num_classes: int) -
 SEGMENTATION_NETS: dict[str, SegmentationNet] = {
     "medfed:smallunet": SegmentationNet(smallunet, "small MONAI UNet, instance norm", 8),
     "medfed:smallunet_bn": SegmentationNet(smallunet_bn, "small MONAI UNet, batch norm", 8),
+    "medfed:tinyunet": SegmentationNet(tinyunet, "half-width small UNet, instance norm (DP)", 8),
     "monai:unet": SegmentationNet(monai_unet, "MONAI UNet (16..256, 2 res units)", 16),
     "monai:basicunet": SegmentationNet(monai_basicunet, "MONAI BasicUNet (defaults)", 16),
     "monai:attentionunet": SegmentationNet(monai_attentionunet, "MONAI AttentionUnet", 8),

@@ -12,6 +12,7 @@ from medfed.types import Task
 SEG = [
     "medfed:smallunet",
     "medfed:smallunet_bn",
+    "medfed:tinyunet",
     "monai:unet",
     "monai:basicunet",
     "monai:attentionunet",

@@ -159,11 +159,18 @@ class FunctionalOptimizer:
         return cls(kind, hp)
 
     @torch.no_grad()
-    def step(self, params: Params, grads: Params) -> None:
-        """One step for every site at once, in place on the stacked ``params``."""
+    def step(self, params: Params, grads: Params, *, skip: frozenset[str] = frozenset()) -> None:
+        """One step for every site at once, in place on the stacked ``params``.
+
+        ``skip``: parameters the loss never reaches. ``torch.func`` hands them a zero gradient,
+        but ``torch.optim`` leaves a parameter whose ``.grad`` is None alone (no weight decay, no
+        momentum, no Adam step), so they must not move here either.
+        """
         self.t += 1
         lr, wd = self.hp["lr"], self.hp["weight_decay"]
         for key, p in params.items():
+            if key in skip:
+                continue
             g = grads[key]
             st = self.state.setdefault(key, {})
             if self.kind == "sgd":
@@ -264,6 +271,7 @@ class VectorTrainer:
         self.buffers = [n for n, b in model.named_buffers() if b is not None]
         self.full_batches = uses_batch_statistics(model)
         self.keys = list(model.state_dict())
+        self.unused: frozenset[str] = frozenset()  # found by probe(): see FunctionalOptimizer
         loss_term = step.loss_term
         model_ref = model
 
@@ -313,7 +321,30 @@ class VectorTrainer:
                 self.grad_fn(params, buffers, shared, x, y, w, anchor)
         except Exception as err:  # any failure means: not this model, train sequentially
             return f"the model does not run under torch.func.vmap ({type(err).__name__}: {err})"
+        self.unused = self._unused_parameters(params, buffers, shared, x[0], anchor)
         return None
+
+    def _unused_parameters(
+        self, params: Params, buffers: Params, shared: Params, x: torch.Tensor, anchor: Params
+    ) -> frozenset[str]:
+        """Trainable parameters that get no gradient in a plain autograd pass of the loss.
+
+        The sequential path's ``torch.optim`` skips them; so does :class:`FunctionalOptimizer`.
+        When the algorithm adds to every gradient (SCAFFOLD's correction), the sequential path
+        gives them that term as their gradient, and so nothing is skipped. Buffers are cloned, so
+        the probe leaves no trace in the running statistics.
+        """
+        if self.step.grad_term is not None:
+            return frozenset()
+        site = {k: v[0].detach().requires_grad_(True) for k, v in params.items()}
+        own = {k: v[0].clone() for k, v in buffers.items()}
+        with autocast(self.device, self.step.options.amp):
+            loss = functional_call(self.model, (site, own, shared), (x,)).float().sum()
+            if self.step.loss_term is not None:
+                loss = loss + self.step.loss_term(site, anchor)
+        names = list(site)
+        grads = torch.autograd.grad(loss, [site[k] for k in names], allow_unused=True)
+        return frozenset(k for k, g in zip(names, grads, strict=True) if g is None)
 
     def train(self, jobs: Sequence[SiteJob], global_params: Params) -> list[LocalResult]:
         """Every job's local round; all jobs take the same number of steps."""
@@ -355,7 +386,7 @@ class VectorTrainer:
                 )
             if self.step.grad_term is not None:
                 grads = self.step.grad_term(grads, aux)
-            optimizer.step(params, grads)
+            optimizer.step(params, grads, skip=self.unused)
             total += loss.detach() * weight[s].sum(1)
         seen = weight.sum((0, 2)).tolist()
         losses = total.tolist()
@@ -414,9 +445,11 @@ class VectorizedClients:
             return
         self._round = round_idx
         self.step = vector_step_of(self.algorithm, self.opts.at_round(round_idx))
+        unused = self.trainer.unused  # a property of the model and loss, not of the rate
         self.trainer = VectorTrainer(
             self.model, self.step, device=self.device, normalize=self.opts.normalize
         )
+        self.trainer.unused = unused
 
     def probe(self, global_params: Params, data: ArrayDataset) -> str | None:
         """The reason the model does not vmap (checked once, on the first site's shape)."""

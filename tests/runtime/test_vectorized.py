@@ -77,10 +77,20 @@ class Dropped(SmoothCNN):
         self.drop = torch.nn.Dropout(0.5)
 
 
+class Unused(SmoothCNN):
+    """A parameter the forward never reaches (e.g. a head kept for another task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = torch.nn.Linear(3, 2)
+
+
 def _model(name: str = "smooth") -> torch.nn.Module:
     torch.manual_seed(1)
     if name == "smooth":
         return SmoothCNN()
+    if name == "unused":
+        return Unused()
     if name == "smooth_bn":
         return SmoothBN()
     if name == "dropout":
@@ -236,6 +246,31 @@ def test_adam_equals_sequential_within_its_amplification() -> None:
         lambda: STRATEGIES.create("fedavg", {}),
         atol=1e-4,
     )
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        TrainOptions(batch_size=8, weight_decay=1e-2),  # momentum 0.9
+        TrainOptions(batch_size=8, lr=0.01, optimizer="adamw", weight_decay=0.1),
+    ],
+)
+def test_a_parameter_without_gradient_stays_put_as_torch_optim_leaves_it(
+    opts: TrainOptions,
+) -> None:
+    """torch.optim skips a parameter whose .grad is None (no decay, no momentum); torch.func
+    gives it zeros, which weight decay would shrink. Both paths must leave it where it was."""
+    _assert_same(opts, lambda: STRATEGIES.create("fedavg", {}), model_name="unused")
+    start = read_params(_model("unused"))
+    params, _, runtime = _rounds(
+        lambda: STRATEGIES.create("fedavg", {}), opts, VectorizeMode.ON, model_name="unused"
+    )
+    assert runtime._vector is not None and runtime._vector.trainer.unused == {
+        "spare.weight",
+        "spare.bias",
+    }
+    assert torch.equal(params["spare.weight"], start["spare.weight"])
+    assert not torch.equal(params["head.weight"], start["head.weight"])  # the rest trained
 
 
 def test_fedprox_equals_sequential() -> None:

@@ -93,7 +93,9 @@ class Runtime(Protocol):
     ) -> list[Outcome]: ...
 
 
-Evaluate = Callable[[Params, Mapping[str, ClientState]], RoundEval]
+# (round index, global model, per-site state) -> the round's scores; the loop owns the index, so
+# a resumed run's evaluations are numbered from its checkpoint without the caller counting.
+Evaluate = Callable[[int, Params, Mapping[str, ClientState]], RoundEval]
 
 
 def _train_rounds(
@@ -140,7 +142,9 @@ def _train_rounds(
     scorer = run_scorer(config, fed, device)
     evaluator = Evaluator(eval_sites, scorer=scorer)
 
-    def evaluate(global_params: Params, client_states: Mapping[str, ClientState]) -> RoundEval:
+    def evaluate(
+        _round: int, global_params: Params, client_states: Mapping[str, ClientState]
+    ) -> RoundEval:
         if not config.runtime.site_metrics and all(
             algorithm.personalize(global_params, cs) is global_params
             for cs in client_states.values()
@@ -328,7 +332,7 @@ def train_loop(
                 rejected=rejected,
                 privacy=spent,
             )
-        ev = evaluate(global_params, runtime.client_states)
+        ev = evaluate(r, global_params, runtime.client_states)
         record = RoundRecord(
             round=r,
             participants=list(participants),

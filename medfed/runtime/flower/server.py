@@ -22,7 +22,6 @@ from torch import nn
 from medfed.audit.run import RunLedger
 from medfed.audit.site import Receipt
 from medfed.build import model_for_shape
-from medfed.checkpoint import checkpoint_round, list_checkpoints
 from medfed.client.train import resolve_device
 from medfed.config import RunConfig, load_config
 from medfed.engine import (
@@ -370,8 +369,6 @@ def serve(
     if resume and not (out_dir / "config.yaml").is_file():
         raise FederationError(f"{out_dir}: no run to resume (no config.yaml there)")
     _prepare_dir(out_dir, config, resume=resume)
-    done = list_checkpoints(out_dir) if resume else []
-    first_round = (checkpoint_round(done[-1]) or 0) + 1 if done else 0
     keys: dict[str, str] = {}
     he_public: dict[str, bytes | None] | None = None if config.privacy.he is None else {}
     nodes, shape, spatial = discover(
@@ -390,10 +387,9 @@ def serve(
         runtime.encrypted_aggregation = FlowerEncryptedAggregation(
             public, send=runtime._exchange, task=runtime._task
         )
-    rounds = iter(range(first_round, config.federation.rounds))
 
-    def evaluate(global_params: Params, _: Mapping[str, ClientState]) -> RoundEval:
-        return runtime.evaluate(next(rounds), global_params)
+    def evaluate(round_idx: int, global_params: Params, _: Mapping[str, ClientState]) -> RoundEval:
+        return runtime.evaluate(round_idx, global_params)
 
     result = train_loop(
         config,

@@ -363,3 +363,52 @@ def dump_config(config: BaseModel, path: str | Path) -> None:
         config_dict(config), sort_keys=False
     )
     Path(path).write_text(text)
+
+
+_MISSING = object()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping) and tree:
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat |= _flatten(value, f"{prefix}{key}.")
+        return flat
+    return {prefix.rstrip("."): tree}
+
+
+def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """Settings that differ between two resolved configs, as ``a.b: old -> new`` lines.
+
+    A run folder's ``config.yaml`` was resolved by the medfed that started it, so a setting a
+    newer medfed added shows as ``(absent)``: the user sees which key stops the resume, not two
+    opaque hashes.
+    """
+    old, new = _flatten(before), _flatten(after)
+    return [
+        f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, _MISSING) != new.get(key, _MISSING)
+    ]
+
+
+def resume_mismatch(out_dir: Path, written_hash: object, config: BaseModel) -> str | None:
+    """Why ``out_dir``'s checkpoint (made by the config hashed ``written_hash``) must not resume
+    under ``config``, naming the settings that differ (from the ``config.yaml`` the run wrote at
+    its start); None when the configs agree."""
+    chash = config_hash(config)
+    if written_hash == chash:
+        return None
+    msg = f"{out_dir}: checkpoint was written by config {written_hash}, not {chash}"
+    saved = out_dir / "config.yaml"
+    if saved.is_file():
+        try:
+            before = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError:
+            before = None
+        if isinstance(before, Mapping):
+            changes = config_changes(before, config_dict(config))
+            if changes:
+                shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+                msg += f" (changed since its {saved.name}: {shown})"
+    return msg + "; refusing to mix runs"

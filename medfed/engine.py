@@ -24,7 +24,7 @@ from medfed.audit.run import RunLedger
 from medfed.build import build_model, load_federation, run_scorer
 from medfed.checkpoint import load_latest, save_checkpoint, save_params
 from medfed.client.train import resolve_device
-from medfed.config import RunConfig, config_hash, dump_config
+from medfed.config import RunConfig, config_hash, dump_config, resume_mismatch
 from medfed.data.site import Federation, Site
 from medfed.evaluation import PRIMARY_METRIC, Evaluator, Scores, evaluate_external
 from medfed.history import History, RoundRecord, SiteRound, run_summary
@@ -215,11 +215,9 @@ def train_loop(
     if resume:
         ckpt = load_latest(out_dir)
         if ckpt is not None:
-            if ckpt.meta.get("config_hash") != chash:
-                raise FederationError(
-                    f"{out_dir}: checkpoint was written by config {ckpt.meta.get('config_hash')}, "
-                    f"not {chash}; refusing to mix runs"
-                )
+            mismatch = resume_mismatch(out_dir, ckpt.meta.get("config_hash"), config)
+            if mismatch is not None:
+                raise FederationError(mismatch)
             # Checkpoints hold host tensors; the federation runs where the model is.
             global_params = _to_device(ckpt.global_params, device)
             state = replace(

@@ -34,7 +34,7 @@ from medfed.algorithms.base import LocalTask, load_params, read_params
 from medfed.audit.p2p import PeerLedger
 from medfed.checkpoint import Checkpoint, load_latest, save_checkpoint, save_params
 from medfed.client.train import resolve_device
-from medfed.config import RunConfig, config_hash
+from medfed.config import RunConfig, config_hash, resume_mismatch
 from medfed.data.site import Federation
 from medfed.engine import (
     FederationError,
@@ -414,11 +414,9 @@ def run_peer(
         if ckpt is None:
             history = History.resume(hist_path, upto_round=-1)
         else:
-            if ckpt.meta.get("config_hash") != chash:
-                raise FederationError(
-                    f"{out_dir}: checkpoint was written by config {ckpt.meta.get('config_hash')}, "
-                    f"not {chash}; refusing to mix runs"
-                )
+            mismatch = resume_mismatch(out_dir, ckpt.meta.get("config_hash"), config)
+            if mismatch is not None:
+                raise FederationError(mismatch)
             state = _restore(ckpt, peers.sites, device)
             start_round = ckpt.round_idx + 1
             wall_offset = float(ckpt.meta.get("wall_seconds", 0.0))

@@ -3,7 +3,16 @@ from pathlib import Path
 import pytest
 
 from medfed.algorithms import STRATEGIES
-from medfed.config import ConfigError, build_config, config_hash, load_config, parse_overrides
+from medfed.config import (
+    ConfigError,
+    build_config,
+    config_changes,
+    config_hash,
+    dump_config,
+    load_config,
+    parse_overrides,
+    resume_mismatch,
+)
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -101,3 +110,25 @@ def test_readme_data_examples_validate():
     assert len(blocks) >= 2
     for block in blocks:
         build_config(yaml.safe_load(block), source="README.md")
+
+
+def test_config_changes_names_changed_added_and_dropped_settings() -> None:
+    before = {"train": {"lr": 0.05, "old_knob": 1}, "seed": 0, "extra": {}}
+    after = {"train": {"lr": 0.01, "lr_decay_start": 0}, "seed": 0, "extra": {}}
+    assert config_changes(before, after) == [
+        "train.lr: 0.05 -> 0.01",
+        "train.lr_decay_start: (absent) -> 0",
+        "train.old_knob: 1 -> (absent)",
+    ]
+    assert config_changes(after, after) == []
+
+
+def test_resume_mismatch_reads_the_runs_config_yaml(tmp_path: Path) -> None:
+    config = build_config({}, ["train.lr=0.01"])
+    dump_config(build_config({}, ["train.lr=0.05"]), tmp_path / "config.yaml")
+    assert resume_mismatch(tmp_path, config_hash(config), config) is None
+    msg = resume_mismatch(tmp_path, "0123abcd", config)
+    assert msg is not None and "0123abcd" in msg and "train.lr: 0.05 -> 0.01" in msg
+    (tmp_path / "config.yaml").unlink()  # no config.yaml: the hashes alone
+    msg = resume_mismatch(tmp_path, "0123abcd", config)
+    assert msg is not None and "changed since" not in msg

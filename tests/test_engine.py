@@ -138,7 +138,8 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_federation):
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_federation):
     run(cfg(rounds=1), out_dir=tmp_path, federation=tiny_federation, progress=False)
-    with pytest.raises(FederationError, match="refusing to mix runs"):
+    # The message names the setting that changed, read from the run's own config.yaml.
+    with pytest.raises(FederationError, match=r"train\.lr: 0\.05 -> 0\.01.*refusing to mix runs"):
         run(
             cfg("train.lr=0.01", rounds=2),
             out_dir=tmp_path,

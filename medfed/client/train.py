@@ -55,12 +55,6 @@ class TrainOptions(BaseModel):
         "that shrinks as the federation converges; under DP-SGD it also shrinks the parameter "
         "noise the last rounds leave)",
     )
-    lr_decay_start: int = Field(
-        0,
-        ge=0,
-        description="rounds trained at the full lr before lr_decay begins: round r trains at "
-        "lr * lr_decay**max(0, r - lr_decay_start) (learn fast first, then anneal)",
-    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     augment: bool = True
@@ -75,10 +69,9 @@ class TrainOptions(BaseModel):
 
     def at_round(self, round_idx: int) -> TrainOptions:
         """The options round ``round_idx`` trains with (its decayed learning rate)."""
-        decayed = max(0, round_idx - self.lr_decay_start)
-        if self.lr_decay == 1.0 or decayed == 0:
+        if self.lr_decay == 1.0 or round_idx == 0:
             return self
-        return self.model_copy(update={"lr": self.lr * self.lr_decay**decayed})
+        return self.model_copy(update={"lr": self.lr * self.lr_decay**round_idx})
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,3 @@ def test_at_round_and_its_bounds() -> None:
     assert TrainOptions(lr=0.1).at_round(5).lr == 0.1
     with pytest.raises(ValueError, match="lr_decay"):
         TrainOptions(lr_decay=1.5)
-
-
-def test_decay_starts_after_lr_decay_start_rounds() -> None:
-    opts = TrainOptions(lr=0.1, lr_decay=0.5, lr_decay_start=2)
-    assert [opts.at_round(r).lr for r in range(5)] == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.025])
-    assert opts.at_round(1) is opts
-    with pytest.raises(ValueError, match="lr_decay_start"):
-        TrainOptions(lr_decay_start=-1)

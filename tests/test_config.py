@@ -114,10 +114,10 @@ def test_readme_data_examples_validate():
 
 def test_config_changes_names_changed_added_and_dropped_settings() -> None:
     before = {"train": {"lr": 0.05, "old_knob": 1}, "seed": 0, "extra": {}}
-    after = {"train": {"lr": 0.01, "lr_decay_start": 0}, "seed": 0, "extra": {}}
+    after = {"train": {"lr": 0.01, "new_knob": 0}, "seed": 0, "extra": {}}
     assert config_changes(before, after) == [
         "train.lr: 0.05 -> 0.01",
-        "train.lr_decay_start: (absent) -> 0",
+        "train.new_knob: (absent) -> 0",
         "train.old_knob: 1 -> (absent)",
     ]
     assert config_changes(after, after) == []

@@ -392,6 +392,12 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[
     ]
 
 
+def changed_settings(before: Mapping[str, Any], after: Mapping[str, Any], *, most: int = 8) -> str:
+    """:func:`config_changes` as one line for an error message (the first ``most`` of them)."""
+    changes = config_changes(before, after)
+    return "; ".join(changes[:most]) + ("; ..." if len(changes) > most else "")
+
+
 def resume_mismatch(out_dir: Path, written_hash: object, config: BaseModel) -> str | None:
     """Why ``out_dir``'s checkpoint (made by the config hashed ``written_hash``) must not resume
     under ``config``, naming the settings that differ (from the ``config.yaml`` the run wrote at
@@ -407,8 +413,7 @@ def resume_mismatch(out_dir: Path, written_hash: object, config: BaseModel) -> s
         except yaml.YAMLError:
             before = None
         if isinstance(before, Mapping):
-            changes = config_changes(before, config_dict(config))
-            if changes:
-                shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+            shown = changed_settings(before, config_dict(config))
+            if shown:
                 msg += f" (changed since its {saved.name}: {shown})"
     return msg + "; refusing to mix runs"

@@ -27,7 +27,7 @@ from medfed.algorithms import STRATEGIES, FederationContext
 from medfed.algorithms.base import load_params
 from medfed.checkpoint import load_latest
 from medfed.client.train import predict_masks, predict_proba, resolve_device
-from medfed.config import RunConfig, config_hash
+from medfed.config import RunConfig, changed_settings, config_dict, config_hash
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.engine import build_model, load_federation
 from medfed.engine import run as run_engine
@@ -97,9 +97,11 @@ def _claim_dir(out_dir: Path, config: StudyConfig) -> None:
     if marker.exists():
         previous = load_study_config(marker)
         if config_hash(previous) != config_hash(config):
+            shown = changed_settings(config_dict(previous), config_dict(config))
             raise StudyError(
                 f"{out_dir} holds a study with config {config_hash(previous)}, not "
-                f"{config_hash(config)}; choose another --out (or delete the folder)"
+                f"{config_hash(config)} (changed since its {marker.name}: {shown}); choose "
+                "another --out (or delete the folder)"
             )
         return
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,8 @@ def test_rerun_skips_finished_runs_and_a_different_config_is_refused(study, monk
     )
     assert again.results["Tiny"] == result.results["Tiny"]
     other = build_study_config({**RAW, "budget": {"pooled_epochs": 4}})
-    with pytest.raises(StudyError, match="holds a study"):
+    # The refusal names what changed (the budget), not just two hashes.
+    with pytest.raises(StudyError, match=r"holds a study.*budget\.pooled_epochs: 2\.0 -> 4\.0"):
         run_study(other, out_dir=result.out_dir, federation=fed, progress=False)
 
 

@@ -78,3 +78,30 @@ def test_he_overhead_smoke_matches_plaintext(capsys):
     expansion, err = float(line[4]), float(line[-1])
     assert expansion > 10  # CKKS ciphertexts are ~20x float32
     assert err < 1e-6  # the encrypted round lands on plaintext FedAvg
+
+
+@pytest.mark.slow
+def test_one_shot_vs_fedavg_smoke_scores_each_model_at_its_own_cut(capsys, tmp_path):
+    bench = _load("one_shot_vs_fedavg")
+    sets = [
+        "data.ultrasound.scale=0.02",
+        "data.ultrasound.image_size=32",
+        "data.cache_dir=" + str(tmp_path / "cache"),
+        "federation.rounds=2",
+        "one_shot.fedisca.synthesis_iterations=2",
+        "one_shot.fedisca.batch_size=8",
+        "one_shot.fedisca.snapshot_every=1",
+        "one_shot.fedisca.rounds=2",
+    ]
+    args = ["--out", str(tmp_path / "runs"), "--threads", "1"]
+    assert bench.main(args + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    cuts = [line for line in out.splitlines() if "at the internal Youden cut" in line]
+    assert len(cuts) == 4  # one-shot, FedAvg 1 and 2 rounds, centralized
+    for line in cuts:
+        val_acc = float(line.split("val acc ")[1].split()[0])
+        assert 0.0 <= val_acc <= 1.0
+    assert (
+        "one-shot / FedAvg(2 rounds): val acc"
+        in out.split("at each model's internal Youden cut:")[1]
+    )

@@ -134,10 +134,21 @@ class Communication:
 
 
 @dataclass(frozen=True)
+class Pretrain:
+    """The study's warm start on public data (``pretrain:``): per model, images and validation."""
+
+    source: str
+    epochs: int
+    train_images: Mapping[str, int]
+    val: Mapping[str, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
 class Budget:
     pooled_epochs: float
     rounds: int
     train_images: int
+    pretrain: Pretrain | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +285,26 @@ def _task(m: Any) -> str:
     return str(task)
 
 
+def _pretrain(raw: Any) -> Pretrain | None:
+    """``meta.budget.pretrain``; absent in studies without one (and in older results)."""
+    if raw is None:
+        return None
+    where = "meta.budget.pretrain"
+    models = get(raw, "models", where)
+    if not isinstance(models, Mapping):
+        raise fail(RESULTS, f"{where}.models", "not a mapping:")
+    val = {}
+    for m in models:
+        v = get(models[m], "val", f"{where}.models.{m}")
+        val[m] = {k: x for k in v if (x := num(v, k, f"{where}.models.{m}.val")) is not None}
+    return Pretrain(
+        source=text(raw, "source", where),
+        epochs=count(raw, "epochs", where),
+        train_images={m: count(models[m], "train_images", f"{where}.models.{m}") for m in models},
+        val=val,
+    )
+
+
 def _meta(raw: Any) -> Meta:
     m = get(raw, "meta", "")
     task = _task(m)
@@ -303,6 +334,7 @@ def _meta(raw: Any) -> Meta:
             pooled_epochs=pooled_epochs if pooled_epochs is not None else float("nan"),
             rounds=count(budget, "rounds", "meta.budget"),
             train_images=count(budget, "train_images", "meta.budget"),
+            pretrain=_pretrain(budget.get("pretrain")),
         ),
         threshold_rule=None if seg else text(m, "threshold_rule", "meta"),
         bootstrap=Bootstrap(

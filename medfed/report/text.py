@@ -440,7 +440,22 @@ def overlay_columns(study: Study) -> str:
 def budget_sentence(study: Study) -> str:
     b = study.meta.budget
     total = b.train_images * b.pooled_epochs
-    return (
+    sentence = (
         f"Every paradigm saw {fmt_int(total)} training images = {b.pooled_epochs:g} pooled epochs "
         f"of the {b.train_images:,} pooled training images (federated: {b.rounds} rounds)."
+    )
+    pre = b.pretrain
+    if pre is None:
+        return sentence
+    key, name = ("dice", "Dice") if study.meta.segmentation else ("auc", "AUC")
+    parts = []
+    for model, images in pre.train_images.items():
+        score = pre.val.get(model, {}).get(key)
+        shown = "" if score is None else f", its validation {name} {score:.3f}"
+        parts.append(f"{model}: {fmt_int(images)} images{shown}")
+    done = "; ".join(parts)
+    return (
+        f"{sentence} Before that, every network started from weights pretrained centrally on "
+        f"public data ({pre.source}, {pre.epochs} epochs; {done}), the same weights with and "
+        "without privacy; the privacy budget covers the private data only."
     )

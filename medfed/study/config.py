@@ -23,6 +23,7 @@ from medfed.client.train import TrainOptions
 from medfed.config import (
     CheckpointConfig,
     DataConfig,
+    DataSource,
     FederationConfig,
     ModelConfig,
     RunConfig,
@@ -33,6 +34,7 @@ from medfed.config import (
     read_yaml,
     validate_tree,
 )
+from medfed.data.synthetic.histology import HistologyCohort
 from medfed.privacy.config import PrivacyConfig
 from medfed.topologies.config import OneShotConfig, PeerConfig
 from medfed.types import Paradigm, Task
@@ -74,16 +76,43 @@ class NetworkSpec(_Section):
     @field_validator("train")
     @classmethod
     def _train(cls, v: dict[str, Any]) -> dict[str, Any]:
-        derived = sorted(DERIVED_TRAIN_OPTIONS & set(v))
-        if derived:
-            raise ValueError(f"{derived} are derived from budget.pooled_epochs; do not set them")
-        TrainOptions.model_validate(v)  # unknown keys and bad values fail here, naming the key
-        return v
+        return _check_train_changes(v, derived_from="budget.pooled_epochs")
 
     @property
     def slug(self) -> str:
         """Folder name: the label lower-cased, runs of other characters turned into '-'."""
-        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-") or "network"
+        return slugify(self.label) or "network"
+
+
+def _check_train_changes(v: dict[str, Any], *, derived_from: str) -> dict[str, Any]:
+    derived = sorted(DERIVED_TRAIN_OPTIONS & set(v))
+    if derived:
+        raise ValueError(f"{derived} are derived from {derived_from}; do not set them")
+    TrainOptions.model_validate(v)  # unknown keys and bad values fail here, naming the key
+    return v
+
+
+class PretrainConfig(_Section):
+    """Public data every architecture trains on once, centrally and without privacy, first.
+
+    The standard warm start of private training (De et al. 2022; public-data pretraining in DP
+    medical imaging): the private steps, each of them noisy under DP-SGD, then fine-tune instead
+    of learning from scratch. Every network of one architecture starts from the same weights, so
+    a with/without-DP comparison stays paired. It costs no privacy budget only because the data
+    are public: the study refuses its own data here.
+    """
+
+    data: DataConfig = Field(description="the public data (e.g. data.histology.cohort: public)")
+    epochs: int = Field(ge=1, description="passes over the public training data")
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="changes to the study's train options for pretraining, e.g. {lr: 0.05}",
+    )
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_train_changes(v, derived_from="pretrain.epochs")
 
 
 class BudgetConfig(_Section):
@@ -130,6 +159,11 @@ class StudyConfig(_Section):
         default_factory=OneShotConfig,
         description="one-shot FedISCA's synthesis and distillation (paradigm one_shot)",
     )
+    pretrain: PretrainConfig | None = Field(
+        None,
+        description="public data each architecture trains on first; every network then starts "
+        "from those weights (none: from scratch or its model.pretrained_path)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
@@ -166,6 +200,32 @@ class StudyConfig(_Section):
                 "per-site and one-shot blocks report AUC/accuracy); remove them from a "
                 f"{self.task} study"
             )
+        if self.pretrain is not None:
+            if self.pretrain.data == self.data:
+                raise ValueError(
+                    "pretrain.data is the study's own data: pretraining is for public data "
+                    "(e.g. data.histology.cohort: public), which costs no privacy budget"
+                )
+            pre = self.pretrain.data
+            if (
+                pre.source is self.data.source
+                and pre.source is not DataSource.FILES
+                and not (
+                    pre.source is DataSource.SYNTHETIC_HISTOLOGY
+                    and pre.histology.cohort is HistologyCohort.PUBLIC
+                )
+            ):
+                raise ValueError(
+                    f"pretrain.data draws the study's own {pre.source} federation (another "
+                    "seed or size of it is still the private distribution); use its public "
+                    "cohort (data.histology.cohort: public) or public files"
+                )
+            own = [n.label for n in self.networks if n.model.pretrained_path is not None]
+            if own:
+                raise ValueError(
+                    f"networks {own} set model.pretrained_path and the study sets pretrain; "
+                    "a network starts from one of the two (remove one)"
+                )
         for net in self.networks:
             privacy = self.privacy_of(net)
             if decentral and (privacy.dp is not None or privacy.he is not None):
@@ -185,10 +245,20 @@ class StudyConfig(_Section):
         share = self.federation.fraction if paradigm is Paradigm.FEDERATED else 1.0
         return self.budget.pooled_epochs / (rounds * share)
 
-    def run_config(self, network: NetworkSpec, paradigm: Paradigm) -> RunConfig:
-        """The ordinary run that trains ``network`` under ``paradigm`` within the study budget."""
+    def run_config(
+        self, network: NetworkSpec, paradigm: Paradigm, *, init: Path | None = None
+    ) -> RunConfig:
+        """The ordinary run that trains ``network`` under ``paradigm`` within the study budget.
+
+        ``init``: the weights ``pretrain`` produced for this network's architecture.
+        """
+        if (init is None) != (self.pretrain is None):
+            raise ValueError("init is the pretrained weights, given exactly when pretrain is set")
         train = self.train.model_dump() | network.train
         train["epochs"] = self.epochs_per_round(paradigm)
+        model = network.model
+        if init is not None:
+            model = model.model_copy(update={"pretrained_path": init})
         return RunConfig(
             name=f"{self.name}-{network.slug}-{paradigm}",
             seed=self.seed,
@@ -196,7 +266,7 @@ class StudyConfig(_Section):
             paradigm=paradigm,
             device=self.device,
             data=self.data,
-            model=network.model,
+            model=model,
             train=TrainOptions.model_validate(train),
             federation=self.federation,
             validation=self.validation,
@@ -205,6 +275,29 @@ class StudyConfig(_Section):
             peer=self.peer,
             one_shot=self.one_shot,
         )
+
+    def pretrain_config(self, model: str) -> RunConfig:
+        """The central run on the public data that initialises every ``model`` network."""
+        if self.pretrain is None:
+            raise ValueError("the study has no pretrain section")
+        train = self.train.model_dump() | self.pretrain.train | {"epochs": 1.0}
+        return RunConfig(
+            name=f"{self.name}-pretrain-{slugify(model)}",
+            seed=self.seed,
+            task=self.task,
+            paradigm=Paradigm.CENTRALIZED,
+            device=self.device,
+            data=self.pretrain.data,
+            model=ModelConfig(name=model),
+            train=TrainOptions.model_validate(train),
+            federation=FederationConfig(rounds=self.pretrain.epochs),
+            validation=self.validation,
+            checkpoint=self.checkpoint,
+        )
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def build_study_config(

@@ -30,7 +30,6 @@ from medfed.client.train import predict_masks, predict_proba, resolve_device
 from medfed.config import RunConfig, changed_settings, config_dict, config_hash
 from medfed.data.site import ArrayDataset, Federation, Site
 from medfed.engine import build_model, load_federation
-from medfed.engine import run as run_engine
 from medfed.study import decentral, runs
 from medfed.study import segmentation as seg
 from medfed.study.config import (
@@ -41,6 +40,7 @@ from medfed.study.config import (
     load_study_config,
 )
 from medfed.study.overlays import Example, pick_examples, write_overlays
+from medfed.study.pretrain import pretrain_meta, warm_start
 from medfed.study.privacy import privacy_cost, privacy_meta
 from medfed.study.stats import (
     ModelKey,
@@ -115,16 +115,6 @@ def _claim_dir(out_dir: Path, config: StudyConfig) -> None:
 
 def _run_dir(out_dir: Path, network: NetworkSpec, paradigm: Paradigm) -> Path:
     return out_dir / "runs" / network.slug / str(paradigm)
-
-
-def _train(run_cfg: RunConfig, run_dir: Path, fed: Federation, *, progress: bool, tag: str) -> None:
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        done = json.loads(summary.read_text())
-        if done.get("config_hash") == config_hash(run_cfg):
-            return
-    resume = (run_dir / "config.yaml").is_file()
-    run_engine(run_cfg, out_dir=run_dir, resume=resume, federation=fed, progress=progress, tag=tag)
 
 
 def _trained(
@@ -340,6 +330,7 @@ def run_study(
             f"a study compares binary classifiers (ROC, sensitivity, ...); the federation has "
             f"{fed.num_classes} classes"
         )
+    init = warm_start(config, out_dir, federation, console=console, progress=progress)
     device = resolve_device(config.device)
     site_names = fed.names
     predictions: dict[ModelKey, dict[Split, Any]] = {}
@@ -364,13 +355,13 @@ def run_study(
         timing[net.label], histories[net.label] = {}, {}
         for paradigm in config.paradigms:
             step += 1
-            run_cfg = config.run_config(net, paradigm)
+            run_cfg = config.run_config(net, paradigm, init=init.get(net.model.name))
             run_dir = _run_dir(out_dir, net, paradigm)
             console.print(
                 f"[bold cyan][{step}/{total}][/] {net.label} ({net.model.name}) · {paradigm} · "
                 f"{run_cfg.federation.rounds} rounds × {run_cfg.train.epochs:g} local epochs"
             )
-            _train(run_cfg, run_dir, fed, progress=progress, tag=f"{net.label} ")
+            runs.train_or_reuse(run_cfg, run_dir, fed, progress=progress, tag=f"{net.label} ")
             if model is None:
                 model = build_model(run_cfg, fed).to(device)
             if paradigm is Paradigm.LOCAL:
@@ -414,7 +405,7 @@ def run_study(
                 models,
                 model,
                 fed,
-                config.run_config(net, Paradigm.FEDERATED),
+                config.run_config(net, Paradigm.FEDERATED, init=init.get(net.model.name)),
                 device,
                 per_site=config.stats.overlays_per_site,
             )
@@ -461,6 +452,7 @@ def run_study(
                 "pooled_epochs": config.budget.pooled_epochs,
                 "rounds": config.federation.rounds,
                 "train_images": sum(len(s.train) for s in fed.sites),
+                "pretrain": pretrain_meta(config, out_dir),
             },
             "task": str(config.task),
             "bootstrap": {

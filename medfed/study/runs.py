@@ -1,4 +1,4 @@
-"""Reading a finished run's files (``history.jsonl``, ``summary.json``, checkpoints) for a study.
+"""A study's runs: training one (or reusing it when done) and reading its files.
 
 A study never re-derives what a run already recorded: wall time, bytes moved and the per-round
 validation metrics come from the run's own files, so the study and ``medfed run`` agree by
@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from medfed.checkpoint import load_latest, load_params
+from medfed.config import RunConfig, config_hash
+from medfed.data.site import Federation
+from medfed.engine import run as run_engine
 from medfed.history import History
 from medfed.types import Params
 
@@ -20,6 +23,19 @@ FINAL = "final.safetensors"
 
 class RunFilesError(RuntimeError):
     """A run folder lacks a file the study needs (the run did not finish)."""
+
+
+def train_or_reuse(
+    run_cfg: RunConfig, run_dir: Path, fed: Federation, *, progress: bool, tag: str
+) -> None:
+    """Train ``run_cfg`` into ``run_dir``: skipped when done with this config, else resumed."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        done = json.loads(summary.read_text())
+        if done.get("config_hash") == config_hash(run_cfg):
+            return
+    resume = (run_dir / "config.yaml").is_file()
+    run_engine(run_cfg, out_dir=run_dir, resume=resume, federation=fed, progress=progress, tag=tag)
 
 
 def rounds(run_dir: Path) -> list[dict[str, Any]]:

@@ -120,12 +120,12 @@ def test_report_files_are_written(study):
 
 def test_rerun_skips_finished_runs_and_a_different_config_is_refused(study, monkeypatch):
     result, fed = study
-    import medfed.study.runner as runner
+    import medfed.study.runs as runs
 
     def boom(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(runner, "run_engine", boom)
+    monkeypatch.setattr(runs, "run_engine", boom)
     again = run_study(
         build_study_config(RAW),
         out_dir=result.out_dir,
@@ -171,15 +171,15 @@ def test_interrupted_study_resumes_from_the_last_completed_round(tmp_path, monke
         run_study(cfg, out_dir=tmp_path / "crash", federation=fed, progress=False, report=False)
     monkeypatch.setattr(Reporter, "round_done", real)
     trained_rounds = []
-    import medfed.study.runner as runner
+    import medfed.study.runs as runs
 
-    real_engine = runner.run_engine
+    real_engine = runs.run_engine
 
     def spy(run_cfg, **kwargs):
         trained_rounds.append(kwargs["resume"])
         return real_engine(run_cfg, **kwargs)
 
-    monkeypatch.setattr(runner, "run_engine", spy)
+    monkeypatch.setattr(runs, "run_engine", spy)
     resumed = run_study(
         cfg, out_dir=tmp_path / "crash", federation=fed, progress=False, report=False
     )

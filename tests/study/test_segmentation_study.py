@@ -159,12 +159,12 @@ def test_history_rows_carry_segmentation_metrics(study):
 
 def test_rerun_skips_finished_runs(study, monkeypatch):
     result, fed = study
-    import medfed.study.runner as runner
+    import medfed.study.runs as runs
 
     def boom(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(runner, "run_engine", boom)
+    monkeypatch.setattr(runs, "run_engine", boom)
     again = run_study(
         build_study_config(RAW),
         out_dir=result.out_dir,

@@ -265,12 +265,12 @@ def test_report_shows_the_blocks_and_embeds_the_synthesis_grid(study):
 @pytest.mark.slow
 def test_rerun_rebuilds_the_blocks_from_the_files_without_training(study, monkeypatch):
     result, fed, config = study
-    import medfed.study.runner as runner
+    import medfed.study.runs as runs
 
     def boom(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(runner, "run_engine", boom)
+    monkeypatch.setattr(runs, "run_engine", boom)
     again = run_study(config, out_dir=result.out_dir, federation=fed, progress=False, report=False)
     for block in ("peer", "one_shot"):
         assert again.results[block] == result.results[block]

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy.ndimage import gaussian_filter
 
 from medfed.data.site import ArrayDataset, Federation, Site
@@ -54,9 +53,12 @@ from medfed.data.synthetic.histology_sites import (
     DEFAULT_SITES,
     GLAND_NUCLEI,
     GLANDS,
+    PUBLIC_SITES,
     STROMA_GRID,
     TUMOUR_GRID,
     TUMOUR_LABEL_FRACTION,
+    HistologyCohort,
+    HistologyOptions,
     HistologySiteProfile,
     draw_layout,
     rotate_toward,
@@ -69,7 +71,9 @@ __all__ = [
     "DEFAULT_EXTERNAL",
     "DEFAULT_SITES",
     "GENERATOR_VERSION",
+    "PUBLIC_SITES",
     "TUMOUR_LABEL_FRACTION",
+    "HistologyCohort",
     "HistologyOptions",
     "HistologySiteProfile",
     "generate_histology_site",
@@ -83,62 +87,6 @@ GENERATOR_VERSION = "1"
 
 _TILES_PER_CHUNK = 32  # fixed in tiles (not pixels): geometry streams must not depend on the size
 _F32 = np.float32
-
-
-class HistologyOptions(BaseModel):
-    """Options of the synthetic histology federation (what a config's ``data:`` block holds).
-
-    ``stain_normalize`` is site-local on purpose: each site estimates its stains from its own
-    tiles and maps them onto a *published constant* reference, so normalisation needs no
-    communication, reveals nothing about a site's data, and treats an external (or late-joining)
-    hospital exactly like a training site. A federation-wide estimate would need every site's
-    stain statistics - a leak, and impossible for a site that was not there when it was made.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    image_size: int = Field(
-        64, ge=32, le=1024, description="Tile side in pixels (a multiple of 16); the field of "
-        "view is fixed, so larger tiles show the same tissue at higher resolution.",
-    )  # fmt: skip
-    tiles_scale: float = Field(
-        1.0, gt=0.0, description="Multiplies every site's tile count (rounded, at least 8, both "
-        "classes at least 2): small values give tiny test federations.",
-    )  # fmt: skip
-    seed: int = Field(0, ge=0, description="Root seed: every draw derives from (seed, site).")
-    num_sites: int = Field(
-        len(DEFAULT_SITES), ge=1, le=len(DEFAULT_SITES),
-        description="Keep the first k default training sites (the others are not generated).",
-    )  # fmt: skip
-    external: bool = Field(True, description="Add the external validation site (all tiles in val).")
-    val_fraction: float = Field(
-        0.2, gt=0.0, lt=1.0, description="Stratified validation share of each training site."
-    )
-    stain_normalize: bool = Field(
-        False, description="Macenko-normalise each site's tiles at that site, from that site's "
-        "own tiles only, toward the fixed reference stain (medfed.data.stain): no pixels or stain "
-        "statistics cross sites, and the external site is normalised the same way.",
-    )  # fmt: skip
-
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_16(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"image_size must be a multiple of 16, got {v}")
-        return v
-
-    def profiles(
-        self,
-    ) -> tuple[tuple[HistologySiteProfile, ...], HistologySiteProfile | None]:
-        """The (scaled) training profiles and the external one (None if disabled)."""
-
-        def scaled(p: HistologySiteProfile) -> HistologySiteProfile:
-            if self.tiles_scale == 1.0:
-                return p
-            return dataclasses.replace(p, n_tiles=max(8, round(p.n_tiles * self.tiles_scale)))
-
-        sites = tuple(scaled(p) for p in DEFAULT_SITES[: self.num_sites])
-        return sites, scaled(DEFAULT_EXTERNAL) if self.external else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Site profiles, tile-level draws and tissue layout of the synthetic H&E histology federation.
+"""Site profiles, cohorts, options, tile draws and tissue layout of the synthetic H&E federation.
 
 This half of the generator never draws a pixel: it says what each hospital's lab and scanner do
 to a section (stain chemistry, staining strength, focus, compression, glass brightness), how many
@@ -26,9 +26,12 @@ Site effects, and why each one is there:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medfed.data.stain import RUIFROK_E, RUIFROK_H
 from medfed.seeding import numpy_rng
@@ -153,6 +156,103 @@ DEFAULT_EXTERNAL = HistologySiteProfile(
     blur=0.8, noise=2.0, jpeg_quality=60, atypia=1.2,
     description="external: different lab chemistry (green-shifted H, purple eosin), heavy JPEG",
 )  # fmt: skip
+
+
+class HistologyCohort(StrEnum):
+    """Which tiles the generator draws: the private federation, or public archives to pretrain."""
+
+    FEDERATION = "federation"
+    PUBLIC = "public"
+
+
+#: "Public" histology: two open archives a study may pretrain on before private training (for
+#: example to warm-start a DP-SGD federation, where every private step is noisy). Same organ and
+#: tissue model, but stains and scanners no federation site uses, and multi-centre stain
+#: variation inside each archive; their own names, so their random streams share nothing with the
+#: federation's tiles. Select with ``HistologyOptions(cohort="public")``.
+PUBLIC_SITES: tuple[HistologySiteProfile, ...] = (
+    HistologySiteProfile(
+        "public-1", 1500, 0.45, stain_h=rotate_toward(CANONICAL_H, 12.0, BLUE),
+        stain_e=rotate_toward(CANONICAL_E, 5.0, BLUE), h_scale=1.10, e_scale=0.80,
+        background=248.0, blur=0.6, noise=1.5, jpeg_quality=80, stain_jitter_deg=5.0,
+        conc_jitter=0.15, atypia=1.05,
+        description="public archive 1: multi-centre slides, brownish H, pale orange eosin"),
+    HistologySiteProfile(
+        "public-2", 1500, 0.40, stain_h=rotate_toward(CANONICAL_H, 10.0, RED),
+        stain_e=rotate_toward(CANONICAL_E, 14.0, RED), h_scale=0.85, e_scale=1.20,
+        background=238.0, blur=1.0, noise=2.5, jpeg_quality=90, stain_jitter_deg=5.0,
+        conc_jitter=0.15, atypia=0.95,
+        description="public archive 2: challenge dataset, blue H, dark purple eosin, dim scanner"),
+)  # fmt: skip
+
+
+class HistologyOptions(BaseModel):
+    """Options of the synthetic histology federation (what a config's ``data:`` block holds).
+
+    ``stain_normalize`` is site-local on purpose: each site estimates its stains from its own
+    tiles and maps them onto a *published constant* reference, so normalisation needs no
+    communication, reveals nothing about a site's data, and treats an external (or late-joining)
+    hospital exactly like a training site. A federation-wide estimate would need every site's
+    stain statistics - a leak, and impossible for a site that was not there when it was made.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(
+        64, ge=32, le=1024, description="Tile side in pixels (a multiple of 16); the field of "
+        "view is fixed, so larger tiles show the same tissue at higher resolution.",
+    )  # fmt: skip
+    tiles_scale: float = Field(
+        1.0, gt=0.0, description="Multiplies every site's tile count (rounded, at least 8, both "
+        "classes at least 2): small values give tiny test federations.",
+    )  # fmt: skip
+    seed: int = Field(0, ge=0, description="Root seed: every draw derives from (seed, site).")
+    cohort: HistologyCohort = Field(
+        HistologyCohort.FEDERATION, description="federation: the 5 hospitals (+ external site); "
+        "public: two open archives with other stains and scanners, to pretrain on (no external "
+        "site) - e.g. the warm start of a DP-SGD federation.",
+    )  # fmt: skip
+    num_sites: int = Field(
+        len(DEFAULT_SITES), ge=1, le=len(DEFAULT_SITES),
+        description="Keep the first k training sites of the cohort (the others are not generated).",
+    )  # fmt: skip
+    external: bool = Field(True, description="Add the external validation site (all tiles in val).")
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Stratified validation share of each training site."
+    )
+    stain_normalize: bool = Field(
+        False, description="Macenko-normalise each site's tiles at that site, from that site's "
+        "own tiles only, toward the fixed reference stain (medfed.data.stain): no pixels or stain "
+        "statistics cross sites, and the external site is normalised the same way.",
+    )  # fmt: skip
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"image_size must be a multiple of 16, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _public_has_no_external(self) -> HistologyOptions:
+        # The external site judges the federation; pretraining on it would leak the test.
+        if self.cohort is HistologyCohort.PUBLIC and self.external:
+            raise ValueError("the public cohort has no external site: set external: false")
+        return self
+
+    def profiles(
+        self,
+    ) -> tuple[tuple[HistologySiteProfile, ...], HistologySiteProfile | None]:
+        """The (scaled) training profiles and the external one (None if disabled)."""
+
+        def scaled(p: HistologySiteProfile) -> HistologySiteProfile:
+            if self.tiles_scale == 1.0:
+                return p
+            return dataclasses.replace(p, n_tiles=max(8, round(p.n_tiles * self.tiles_scale)))
+
+        pool = PUBLIC_SITES if self.cohort is HistologyCohort.PUBLIC else DEFAULT_SITES
+        sites = tuple(scaled(p) for p in pool[: self.num_sites])
+        return sites, scaled(DEFAULT_EXTERNAL) if self.external else None
 
 
 def _rotate_rows(v: np.ndarray, degrees: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,9 @@ from medfed.data.synthetic.histology import (
     DEFAULT_EXTERNAL,
     DEFAULT_SITES,
     GENERATOR_VERSION,
+    PUBLIC_SITES,
     TUMOUR_LABEL_FRACTION,
+    HistologyCohort,
     HistologyOptions,
     HistologySiteProfile,
     generate_histology_site,
@@ -107,6 +110,33 @@ def test_options_validation_and_scaling() -> None:
     assert HistologyOptions(tiles_scale=0.5).profiles()[0][0].n_tiles == 500
     with pytest.raises(ValueError, match="prevalence"):
         HistologySiteProfile("x", 10, 1.0)
+
+
+def test_public_cohort_is_disjoint_from_the_federation(tmp_path: Path) -> None:
+    # Pretraining data must not be the private distribution under another name: other stains
+    # and scanners, other site names (so other random streams), and never the external site.
+    with pytest.raises(ValidationError, match="no external site"):
+        HistologyOptions(cohort="public")
+    opts = HistologyOptions(cohort=HistologyCohort.PUBLIC, external=False, tiles_scale=0.01)
+    sites, ext = opts.profiles()
+    assert ext is None and [p.name for p in sites] == [p.name for p in PUBLIC_SITES]
+    private = {(p.stain_h, p.stain_e) for p in SITES.values()}
+    for p in PUBLIC_SITES:
+        assert (p.stain_h, p.stain_e) not in private
+        # A dye pair no hospital's lab produces: further from each than its slides vary.
+        jitter = max(q.stain_jitter_deg for q in SITES.values())
+        for q in SITES.values():
+            angles = [np.degrees(np.arccos(min(float(np.dot(a, b)), 1.0)))
+                      for a, b in ((p.stain_h, q.stain_h), (p.stain_e, q.stain_e))]  # fmt: skip
+            assert max(angles) > jitter, (p.name, q.name, angles)
+    fed = synthesize_histology_federation(
+        opts.model_copy(update={"image_size": 32}), cache_dir=tmp_path
+    )
+    assert fed.names == ["public-1", "public-2"] and fed.external is None
+    tiles = everything(fed.sites[0])
+    assert set(tiles.labels.tolist()) == {0, 1} and masks(tiles).any()
+    private_a = synthesize_histology_federation(TINY, cache_dir=tmp_path).sites[0]
+    assert not torch.equal(everything(private_a).images[:4], tiles.images[:4])
 
 
 # ------------------------------------------------------------------------------ federation

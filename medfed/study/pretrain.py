@@ -21,7 +21,7 @@ from medfed.study.config import StudyConfig, slugify
 
 
 class PretrainError(ValueError):
-    """The public data cannot pretrain this study's networks (wrong task, empty)."""
+    """The public data cannot pretrain this study's networks (wrong task or channels, empty)."""
 
 
 def pretrain_dir(out_dir: Path, model: str) -> Path:

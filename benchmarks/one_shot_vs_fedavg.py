@@ -10,6 +10,10 @@ site, as ``medfed study`` does. A distilled student's probabilities are softened
 temperature, so 0.5 can sit far from its best cut; the external figure at the internal threshold
 is the fair one (nothing about the external site is tuned).
 
+An extra row scores the teacher ensemble (the mean of the uploaded site models' probabilities):
+the most the student could copy from them, so it separates a distillation shortfall from teachers
+that are weak to begin with.
+
     python benchmarks/one_shot_vs_fedavg.py                                # configs/one-shot-thyroid.yaml
     python benchmarks/one_shot_vs_fedavg.py --set data.ultrasound.scale=0.05 \\
         --set one_shot.fedisca.synthesis_iterations=4 ...                  # smoke run
@@ -19,9 +23,11 @@ is the fair one (nothing about the external site is tuned).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +37,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medfed.algorithms.base import load_params  # noqa: E402
 from medfed.build import build_model  # noqa: E402
+from medfed.checkpoint import load_params as load_checkpoint_params  # noqa: E402
 from medfed.client.train import predict_proba  # noqa: E402
-from medfed.config import RunConfig, load_config  # noqa: E402
+from medfed.config import ModelConfig, RunConfig, load_config  # noqa: E402
 from medfed.data.site import ArrayDataset, Federation  # noqa: E402
 from medfed.engine import load_federation, run  # noqa: E402
 from medfed.metrics.binary import Metric, threshold_metrics, youden_threshold  # noqa: E402
+from medfed.metrics.classification import roc_auc  # noqa: E402
 from medfed.types import Paradigm, Params  # noqa: E402
 
 
-def operating_point(
-    cfg: RunConfig, fed: Federation, params: Params
-) -> tuple[float, float, float | None]:
-    """(threshold, internal acc, external acc) at the Youden cut of pooled internal validation."""
+@dataclasses.dataclass(frozen=True)
+class OperatingPoint:
+    cut: float
+    val_acc: float
+    val_auc: float
+    val_acc_cut: float
+    ext_acc: float | None = None
+    ext_auc: float | None = None
+    ext_acc_cut: float | None = None
+
+
+Scorer = Callable[[ArrayDataset], np.ndarray]
+
+
+def model_scorer(cfg: RunConfig, fed: Federation, params: Params) -> Scorer:
+    """P(positive) of one model, on the CPU, with the run's normalisation."""
     model = build_model(cfg, fed)
     device = torch.device("cpu")
     load_params(model, params, device)
@@ -54,16 +74,59 @@ def operating_point(
         )  # fmt: skip
         return proba[:, 1]
 
+    return scores
+
+
+def ensemble_scorer(cfg: RunConfig, fed: Federation, run_dir: Path) -> Scorer:
+    """The uploaded teachers' averaged probability: what distillation can at best copy.
+
+    Serving this ensemble is itself a one-shot method (one upload per site, every site's model
+    kept at the server), so its row is both the ceiling of the student and a baseline for it.
+    """
+    members = []
+    for site in fed.sites:
+        name = cfg.one_shot.teacher_models.get(site.name)
+        site_cfg = cfg if name is None else cfg.model_copy(update={"model": ModelConfig(name=name)})
+        params = load_checkpoint_params(run_dir / "sites" / site.name / "final.safetensors")
+        members.append(model_scorer(site_cfg, fed, params))
+
+    def scores(data: ArrayDataset) -> np.ndarray:
+        return np.mean([m(data) for m in members], axis=0)
+
+    return scores
+
+
+def operating_point(fed: Federation, scores: Scorer) -> OperatingPoint:
+    """Accuracy at 0.5 and AUC, and the accuracies at the Youden cut of pooled internal
+    validation (the cut then applied unchanged to the external site)."""
     vals = [s.val for s in fed.sites if len(s.val)]
     y = np.concatenate([d.labels.numpy() for d in vals])
     p = np.concatenate([scores(d) for d in vals])
     cut = youden_threshold(y, p)
-    internal = threshold_metrics(y, p, cut)[Metric.ACCURACY]
-    external = None
+    point = OperatingPoint(
+        cut=cut,
+        val_acc=threshold_metrics(y, p, 0.5)[Metric.ACCURACY],
+        val_auc=roc_auc(y, p),
+        val_acc_cut=threshold_metrics(y, p, cut)[Metric.ACCURACY],
+    )
     if fed.external is not None and len(fed.external.val):
         ext = fed.external.val
-        external = threshold_metrics(ext.labels.numpy(), scores(ext), cut)[Metric.ACCURACY]
-    return cut, internal, external
+        y_ext, p_ext = ext.labels.numpy(), scores(ext)
+        point = dataclasses.replace(
+            point,
+            ext_acc=threshold_metrics(y_ext, p_ext, 0.5)[Metric.ACCURACY],
+            ext_auc=roc_auc(y_ext, p_ext),
+            ext_acc_cut=threshold_metrics(y_ext, p_ext, cut)[Metric.ACCURACY],
+        )
+    return point
+
+
+def print_cut(op: OperatingPoint) -> None:
+    ext = "n/a" if op.ext_acc_cut is None else f"{op.ext_acc_cut:.3f}"
+    print(
+        f"{'':>12}  at the internal Youden cut {op.cut:.3f}: val acc {op.val_acc_cut:.3f}  external acc {ext}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "centralized": base.model_copy(update={"paradigm": Paradigm.CENTRALIZED}),
     }
     rows = {}
+    ensemble: OperatingPoint | None = None
     for name, cfg in variants.items():
         cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the edited copy
         t0 = time.perf_counter()
@@ -110,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             1 if name == "one_shot" else (2 * cfg.federation.rounds if name != "centralized" else 0)
         )
         wall = time.perf_counter() - t0
-        cut, val_acc_op, ext_acc_op = operating_point(cfg, fed, res.final_params)
+        op = operating_point(fed, model_scorer(cfg, fed, res.final_params))
         rows[name] = (
             s["val"].get("acc"),
             s["val"].get("auc"),
@@ -118,18 +182,24 @@ def main(argv: list[str] | None = None) -> int:
             ext.get("auc"),
             transfers,
             wall,
-            val_acc_op,
-            ext_acc_op,
+            op.val_acc_cut,
+            op.ext_acc_cut,
         )
         print(
             f"{name:>12}: val acc {rows[name][0]:.3f} auc {rows[name][1]:.3f}  external acc {rows[name][2]:.3f} auc {rows[name][3]:.3f}  transfers/site {transfers}  {wall:.0f}s",
             flush=True,
         )
-        ext_op = "n/a" if ext_acc_op is None else f"{ext_acc_op:.3f}"
-        print(
-            f"{'':>12}  at the internal Youden cut {cut:.3f}: val acc {val_acc_op:.3f}  external acc {ext_op}",
-            flush=True,
-        )
+        print_cut(op)
+        if name == "one_shot":
+            ens = operating_point(fed, ensemble_scorer(cfg, fed, out / name))
+            ext_acc = "n/a" if ens.ext_acc is None else f"{ens.ext_acc:.3f}"
+            ext_auc = "n/a" if ens.ext_auc is None else f"{ens.ext_auc:.3f}"
+            print(
+                f"{'ensemble':>12}: val acc {ens.val_acc:.3f} auc {ens.val_auc:.3f}  external acc {ext_acc} auc {ext_auc}  (the {len(fed.sites)} teachers' mean probability: the student's ceiling)",
+                flush=True,
+            )
+            print_cut(ens)
+            ensemble = ens
     one, f1, fr = rows["one_shot"], rows["fedavg_1"], rows[f"fedavg_{rounds}"]
     print(f"one-shot / FedAvg(1 round):  acc {one[0] / f1[0]:.3f}  auc {one[1] / f1[1]:.3f}")
     print(
@@ -140,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio_ext = "n/a" if one[7] is None or not ref[7] else f"{one[7] / ref[7]:.3f}"
         print(
             f"  one-shot / FedAvg({label}): val acc {one[6] / ref[6]:.3f}  external acc {ratio_ext}"
+        )
+    if ensemble is not None:
+        print(
+            f"one-shot / teacher ensemble: val acc at the cut {one[6] / ensemble.val_acc_cut:.3f}  "
+            f"ensemble / FedAvg({rounds} rounds): val acc at the cut {ensemble.val_acc_cut / fr[6]:.3f}"
         )
     print(f"runs kept in {out}")
     return 0

@@ -1,6 +1,7 @@
 """Benchmarks must not rot: each runs end to end on a tiny CPU workload (figures come from GPUs)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,10 @@ ROOT = Path(__file__).parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module_name = f"benchmarks_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -97,7 +100,7 @@ def test_one_shot_vs_fedavg_smoke_scores_each_model_at_its_own_cut(capsys, tmp_p
     assert bench.main(args + [a for s in sets for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
     cuts = [line for line in out.splitlines() if "at the internal Youden cut" in line]
-    assert len(cuts) == 4  # one-shot, FedAvg 1 and 2 rounds, centralized
+    assert len(cuts) == 5  # one-shot, the teacher ensemble, FedAvg 1 and 2 rounds, centralized
     for line in cuts:
         val_acc = float(line.split("val acc ")[1].split()[0])
         assert 0.0 <= val_acc <= 1.0
@@ -105,3 +108,6 @@ def test_one_shot_vs_fedavg_smoke_scores_each_model_at_its_own_cut(capsys, tmp_p
         "one-shot / FedAvg(2 rounds): val acc"
         in out.split("at each model's internal Youden cut:")[1]
     )
+    ens = next(line for line in out.splitlines() if line.strip().startswith("ensemble:"))
+    assert 0.0 <= float(ens.split("auc ")[1].split()[0]) <= 1.0
+    assert "one-shot / teacher ensemble: val acc at the cut" in out

@@ -111,3 +111,35 @@ def test_one_shot_vs_fedavg_smoke_scores_each_model_at_its_own_cut(capsys, tmp_p
     ens = next(line for line in out.splitlines() if line.strip().startswith("ensemble:"))
     assert 0.0 <= float(ens.split("auc ")[1].split()[0]) <= 1.0
     assert "one-shot / teacher ensemble: val acc at the cut" in out
+
+
+@pytest.mark.slow
+def test_fedisca_distill_sweep_reproduces_the_run_then_varies_it(capsys, tmp_path):
+    """The sweep re-synthesizes the run's images: its reference row must score what the run did."""
+    from medfed.config import load_config
+    from medfed.engine import run
+
+    sets = [
+        "data.ultrasound.scale=0.02",
+        "data.ultrasound.image_size=32",
+        "data.cache_dir=" + str(tmp_path / "cache"),
+        "federation.rounds=2",
+        "one_shot.fedisca.synthesis_iterations=3",
+        "one_shot.fedisca.batch_size=8",
+        "one_shot.fedisca.snapshot_every=1",
+        "one_shot.fedisca.rounds=2",
+    ]
+    cfg = load_config(ROOT / "configs" / "one-shot-thyroid.yaml", sets)
+    cfg = cfg.model_copy(update={"device": "cpu"})
+    res = run(cfg, out_dir=tmp_path / "run", progress=False)
+    bench = _load("fedisca_distill_sweep")
+    args = ["--run", str(tmp_path / "run"), "--threads", "1", "--vary", "distill_lr=0.05"]
+    assert bench.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if "best epoch" in line]
+    assert len(rows) == 2  # the run's settings, then the one variant
+    assert rows[1].strip().startswith("distill_lr=0.05:")
+    swept = float(rows[0].split("val auc ")[1].split()[0])
+    assert swept == pytest.approx(res.summary["val"]["auc"], abs=2e-3)  # printed to 3 places
+    with pytest.raises(SystemExit, match="synthesis_iterations"):
+        bench.main([*args[:4], "--vary", "synthesis_iterations=5"])

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +39,12 @@ from one_shot_vs_fedavg import OperatingPoint, model_scorer, operating_point  # 
 
 from medfed.algorithms.base import load_params  # noqa: E402
 from medfed.algorithms.fedisca import Distiller, adapt_teachers  # noqa: E402
-from medfed.algorithms.fedisca_synthesis import FedISCAOptions, Synthesis, synthesize  # noqa: E402
+from medfed.algorithms.fedisca_synthesis import (  # noqa: E402
+    FedISCAOptions,
+    Snapshot,
+    Synthesis,
+    synthesize,
+)
 from medfed.build import build_model  # noqa: E402
 from medfed.checkpoint import load_params as load_checkpoint_params  # noqa: E402
 from medfed.config import ModelConfig, RunConfig, load_config  # noqa: E402
@@ -94,6 +101,43 @@ def teachers_of(cfg: RunConfig, fed: Federation, run_dir: Path) -> list[torch.nn
     return models
 
 
+def _synthesis_path(cache: Path, round_idx: int) -> Path:
+    return cache / f"synthesis-{round_idx:03d}.safetensors"
+
+
+def save_synthesis(
+    synthesis: Synthesis, cache: Path, round_idx: int, generator: torch.Generator
+) -> None:
+    """One round's snapshots, and the generator's state after it (so a later round resumes the
+    run's random stream exactly)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    tensors = {"generator": generator.get_state()}
+    for k, snap in enumerate(synthesis.snapshots):
+        tensors[f"{k:04d}.images"] = snap.images.contiguous()
+        tensors[f"{k:04d}.labels"] = snap.labels.clone()  # snapshots share one label tensor
+    meta = {
+        "iterations": json.dumps([snap.iteration for snap in synthesis.snapshots]),
+        "losses": json.dumps(synthesis.losses),
+        "teacher_accuracy": str(synthesis.teacher_accuracy),
+    }
+    save_file(tensors, _synthesis_path(cache, round_idx), metadata=meta)
+
+
+def load_synthesis(cache: Path, round_idx: int, generator: torch.Generator) -> Synthesis | None:
+    path = _synthesis_path(cache, round_idx)
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        iterations = json.loads(meta["iterations"])
+        snaps = tuple(
+            Snapshot(it, f.get_tensor(f"{k:04d}.images"), f.get_tensor(f"{k:04d}.labels"))
+            for k, it in enumerate(iterations)
+        )
+        generator.set_state(f.get_tensor("generator"))
+    return Synthesis(snaps, json.loads(meta["losses"]), float(meta["teacher_accuracy"]))
+
+
 def pooled_val_auc(cfg: RunConfig, fed: Federation, student: torch.nn.Module) -> float:
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     scores = model_scorer(cfg, fed, state)
@@ -134,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="a finished one-shot run directory")
     ap.add_argument("--vary", action="append", default=[], help="key=v1[,v2...] (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="keep the syntheses here (safetensors) and reuse them on the next invocation",
+    )
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -151,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     syntheses = []
     for r in range(base.rounds):
-        syntheses.append(
-            synthesize(
+        cached = None if args.cache is None else load_synthesis(args.cache, r, generator)
+        if cached is None:
+            cached = synthesize(
                 teachers,
                 num_classes=max(2, fed.num_outputs(cfg.task)),
                 image_shape=(int(sample.shape[1]), int(sample.shape[2]), int(sample.shape[3])),
@@ -160,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                 generator=generator,
                 device=torch.device("cpu"),
             )
-        )
+            if args.cache is not None:
+                save_synthesis(cached, args.cache, r, generator)
+        syntheses.append(cached)
         print(f"synthesis round {r + 1}/{base.rounds}  {time.perf_counter() - t0:.0f}s", flush=True)
     print(f"synthesis: {base.rounds} rounds in {time.perf_counter() - t0:.0f}s", flush=True)
     run_val = _run_summary_val(args.run)

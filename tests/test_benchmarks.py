@@ -143,3 +143,12 @@ def test_fedisca_distill_sweep_reproduces_the_run_then_varies_it(capsys, tmp_pat
     assert swept == pytest.approx(res.summary["val"]["auc"], abs=2e-3)  # printed to 3 places
     with pytest.raises(SystemExit, match="synthesis_iterations"):
         bench.main([*args[:4], "--vary", "synthesis_iterations=5"])
+    # cached syntheses, whole or in part (the generator state travels with each round), give
+    # the same students as synthesizing afresh
+    cache = ["--cache", str(tmp_path / "syntheses")]
+    for drop in (None, "synthesis-001.safetensors"):
+        if drop is not None:
+            (tmp_path / "syntheses" / drop).unlink()
+        assert bench.main([*args, *cache]) == 0
+        again = [line for line in capsys.readouterr().out.splitlines() if "best epoch" in line]
+        assert [r.rsplit(")", 1)[0] for r in again] == [r.rsplit(")", 1)[0] for r in rows]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from one_shot_vs_fedavg import OperatingPoint, model_scorer, operating_point  # noqa: E402
 
 from medfed.algorithms.base import load_params  # noqa: E402
-from medfed.algorithms.fedisca import Distiller, adapt_teachers  # noqa: E402
+from medfed.algorithms.fedisca import Distiller, adapt_teachers, teacher_average  # noqa: E402
 from medfed.algorithms.fedisca_synthesis import (  # noqa: E402
     FedISCAOptions,
     Snapshot,
@@ -66,6 +66,7 @@ DISTILL_FIELDS = frozenset(
         "lr_gamma",
         "adapt_momentum",
         "adapted_bn",
+        "student_init",
     }
 )
 
@@ -156,6 +157,9 @@ def distil(
     """A fresh student (the run's seeded initial weights) through every round's synthesis."""
     device = torch.device("cpu")
     student = build_model(cfg, fed)
+    if options.student_init == "average":  # as medfed.one_shot does
+        weights = [float(len(site.train)) for site in fed.sites]
+        student.load_state_dict(teacher_average(teachers, weights))
     distiller = Distiller(
         student,
         options=options,

@@ -28,7 +28,7 @@ import numpy as np
 from torch import nn
 
 from medfed.algorithms.base import load_params
-from medfed.algorithms.fedisca import one_shot, to_display
+from medfed.algorithms.fedisca import one_shot, teacher_average, to_display
 from medfed.algorithms.fedisca_synthesis import Synthesis
 from medfed.audit.p2p import PeerLedger
 from medfed.checkpoint import save_params
@@ -99,6 +99,12 @@ def run_one_shot(
     unknown = sorted(set(config.one_shot.teacher_models) - set(fed.names))
     if unknown:
         raise FederationError(f"one_shot.teacher_models names unknown site(s) {unknown}")
+    other = {s: m for s, m in config.one_shot.teacher_models.items() if m != config.model.name}
+    if config.one_shot.fedisca.student_init == "average" and other:
+        raise FederationError(
+            "one_shot.fedisca.student_init 'average' needs every teacher in the run's network "
+            f"{config.model.name!r}; one_shot.teacher_models gives {other}"
+        )
     _prepare_dir(out_dir, config, resume=resume)
     t_start = time.perf_counter()
     ledger = PeerLedger.for_run(config, out_dir, sites=fed.names, config_hash=config_hash(config))
@@ -155,6 +161,9 @@ def run_one_shot(
     t0 = time.perf_counter()
     reporter.start(f"{label} distillation", total=1)
     student = build_model(config, fed).to(device)
+    if config.one_shot.fedisca.student_init == "average":
+        weights = [float(len(site.train)) for site in fed.sites]
+        student.load_state_dict(teacher_average(teachers, weights))
     scorer = run_scorer(config, fed, device)
     evaluator = Evaluator(fed.sites, scorer=scorer)
     plain = create_algorithm(config, num_sites=len(fed.sites), name="fedavg", options={})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from medfed.config import build_config
 from medfed.engine import FederationError, run
@@ -86,3 +87,51 @@ def test_one_shot_refuses_segmentation_and_privacy(tmp_path):
             federation=make_federation(2, n=16),
             progress=False,
         )
+
+
+def test_average_start_is_the_example_weighted_mean_of_the_teachers(tmp_path):
+    """student_init 'average': with a vanishing distillation step the student's weights stay at
+    the teachers' example-weighted mean, computed here from the uploaded files by hand."""
+    from medfed.checkpoint import load_params
+
+    fed = make_federation(3, n=24)
+    res = run(
+        _cfg("one_shot.fedisca.student_init=average", "one_shot.fedisca.distill_lr=1e-12"),
+        out_dir=tmp_path,
+        federation=fed,
+        progress=False,
+    )
+    teachers = [load_params(tmp_path / "sites" / s / "final.safetensors") for s in fed.names]
+    sizes = [len(site.train) for site in fed.sites]
+    assert len(set(sizes)) > 1  # unequal sites, so the weighting is visible
+    weights = [name for name, _ in _trainable(tmp_path, fed)]
+    for key in weights:  # BN running statistics move with the synthetic batches; weights do not
+        expected = sum(t[key].double() * n for t, n in zip(teachers, sizes, strict=True)) / sum(
+            sizes
+        )
+        torch.testing.assert_close(res.final_params[key].double(), expected, atol=1e-6, rtol=0)
+    plain = run(_cfg(), out_dir=tmp_path / "scratch", federation=fed, progress=False)
+    key = weights[0]
+    assert not torch.allclose(plain.final_params[key], res.final_params[key], atol=1e-3)
+
+
+def _trainable(run_dir, fed):
+    """(name, parameter) of the run's network: trainable tensors only, no buffers."""
+    from medfed.build import build_model
+    from medfed.config import load_config
+
+    return list(build_model(load_config(run_dir / "config.yaml"), fed).named_parameters())
+
+
+def test_average_start_refuses_heterogeneous_teachers(tmp_path):
+    with pytest.raises(FederationError, match="student_init 'average'.*site1"):
+        run(
+            _cfg(
+                "one_shot.fedisca.student_init=average",
+                "one_shot.teacher_models={site1: medfed:tinycnn}",
+            ),
+            out_dir=tmp_path,
+            federation=make_federation(2, n=16),
+            progress=False,
+        )
+    assert not (tmp_path / "sites").exists()  # refused before any teacher trained

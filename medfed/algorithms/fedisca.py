@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medfed.algorithms.aggregate import weighted_mean
 from medfed.algorithms.fedisca_synthesis import (
     BNStatHook,
     FedISCAOptions,
@@ -244,6 +245,26 @@ class Distiller:
             best_epoch, _, state = self._best
             self.student.load_state_dict(state)
         return DistillResult(state, tuple(self.losses), tuple(self.scores), best_epoch)
+
+
+def teacher_average(
+    teachers: Sequence[nn.Module], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """The example-weighted mean of the teachers' states (weights and BN buffers alike).
+
+    One-shot FedAvg of the uploads: a start for the student that already ranks cases about as
+    well as the ensemble does (the sites trained from the same seeded weights), which the
+    distillation then refines. Teachers of different architectures have no mean.
+    """
+    states = [_cpu_state(t) for t in teachers]
+    if any(s.keys() != states[0].keys() for s in states) or any(
+        s[k].shape != states[0][k].shape for s in states for k in s
+    ):
+        raise ValueError(
+            "student_init 'average' needs every teacher in one architecture; these differ "
+            "(heterogeneous teachers distil into a student started from scratch)"
+        )
+    return weighted_mean(states, weights)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

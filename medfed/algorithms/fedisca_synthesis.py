@@ -110,6 +110,12 @@ class FedISCAOptions(BaseModel):
         "re-synthesizes every epoch, 100 times); still one upload per site",
     )
     distill_epochs: int = Field(1, ge=1, description="passes over one round's snapshots")
+    student_init: Literal["scratch", "average"] = Field(
+        "scratch",
+        description="where the global model starts: 'scratch', the run's seeded initial "
+        "weights (FedISCA), or 'average', the example-weighted mean of the uploaded teachers "
+        "(as FedDF starts its fusion; needs every teacher in the run's architecture)",
+    )
     distill_optimizer: Literal["sgd", "adam"] = "sgd"
     distill_lr: float = Field(1e-3, gt=0)
     distill_momentum: float = Field(0.9, ge=0, lt=1)

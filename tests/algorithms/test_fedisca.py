@@ -20,6 +20,7 @@ from medfed.algorithms.fedisca import (
     kd_loss,
     one_shot,
     synthesize,
+    teacher_average,
     to_display,
 )
 from medfed.client.train import TrainOptions, to_input, train_local
@@ -388,3 +389,20 @@ def test_to_display_scales_each_image_to_uint8() -> None:
     assert out.dtype == torch.uint8 and out.shape == images.shape
     assert out[0].min().item() == 0 and out[0].max().item() == 255
     assert out[1].eq(0).all()
+
+
+def test_teacher_average_weights_by_examples_and_refuses_mixed_architectures() -> None:
+    a = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    b = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        a[0].weight.fill_(1.0)
+        b[0].weight.fill_(4.0)
+        a[1].running_mean.fill_(2.0)
+        b[1].running_mean.fill_(-2.0)
+    avg = teacher_average([a, b], [1.0, 3.0])
+    # (1*1 + 3*4) / 4 = 3.25 and (1*2 - 3*2) / 4 = -1, by hand
+    torch.testing.assert_close(avg["0.weight"], torch.full((1, 2), 3.25))
+    torch.testing.assert_close(avg["1.running_mean"], torch.tensor([-1.0]))
+    assert avg["0.weight"].dtype == torch.float32
+    with pytest.raises(ValueError, match="one architecture"):
+        teacher_average([a, nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))], [1.0, 1.0])

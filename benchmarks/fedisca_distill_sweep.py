@@ -21,6 +21,7 @@ ones; the external site's are not.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -106,8 +107,18 @@ def _synthesis_path(cache: Path, round_idx: int) -> Path:
     return cache / f"synthesis-{round_idx:03d}.safetensors"
 
 
+def synthesis_key(cfg: RunConfig, run_dir: Path, fed: Federation) -> str:
+    """What the images depend on: the synthesis settings, the seed and the teachers' files. A
+    cache made under another key belongs to another run and is refused, not silently reused."""
+    opts = cfg.one_shot.fedisca.model_dump(mode="json", exclude=set(DISTILL_FIELDS))
+    h = hashlib.sha256(json.dumps([opts, cfg.seed], sort_keys=True).encode())
+    for site in fed.sites:
+        h.update((run_dir / "sites" / site.name / "final.safetensors").read_bytes())
+    return h.hexdigest()[:16]
+
+
 def save_synthesis(
-    synthesis: Synthesis, cache: Path, round_idx: int, generator: torch.Generator
+    synthesis: Synthesis, cache: Path, round_idx: int, generator: torch.Generator, *, key: str
 ) -> None:
     """One round's snapshots, and the generator's state after it (so a later round resumes the
     run's random stream exactly)."""
@@ -117,6 +128,7 @@ def save_synthesis(
         tensors[f"{k:04d}.images"] = snap.images.contiguous()
         tensors[f"{k:04d}.labels"] = snap.labels.clone()  # snapshots share one label tensor
     meta = {
+        "key": key,
         "iterations": json.dumps([snap.iteration for snap in synthesis.snapshots]),
         "losses": json.dumps(synthesis.losses),
         "teacher_accuracy": str(synthesis.teacher_accuracy),
@@ -124,12 +136,19 @@ def save_synthesis(
     save_file(tensors, _synthesis_path(cache, round_idx), metadata=meta)
 
 
-def load_synthesis(cache: Path, round_idx: int, generator: torch.Generator) -> Synthesis | None:
+def load_synthesis(
+    cache: Path, round_idx: int, generator: torch.Generator, *, key: str
+) -> Synthesis | None:
     path = _synthesis_path(cache, round_idx)
     if not path.is_file():
         return None
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
+        if meta.get("key") != key:
+            raise SystemExit(
+                f"{path}: synthesized for other teachers, seed or synthesis settings "
+                f"(key {meta.get('key')}, this run {key}); use another --cache folder"
+            )
         iterations = json.loads(meta["iterations"])
         snaps = tuple(
             Snapshot(it, f.get_tensor(f"{k:04d}.images"), f.get_tensor(f"{k:04d}.labels"))
@@ -154,7 +173,8 @@ def distil(
     teachers: list[torch.nn.Module],
     syntheses: list[Synthesis],
 ) -> tuple[OperatingPoint, int]:
-    """A fresh student (the run's seeded initial weights) through every round's synthesis."""
+    """A fresh student (the run's seeded initial weights, or the teachers' mean with
+    ``student_init: average``) through every round's synthesis."""
     device = torch.device("cpu")
     student = build_model(cfg, fed)
     if options.student_init == "average":  # as medfed.one_shot does
@@ -202,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     teachers = teachers_of(cfg, fed, args.run)
     sample = fed.sites[0].train.images
     generator = torch_generator(cfg.seed, "fedisca")  # the run's server generator
+    key = synthesis_key(cfg, args.run, fed)
     t0 = time.perf_counter()
     syntheses = []
     for r in range(base.rounds):
-        cached = None if args.cache is None else load_synthesis(args.cache, r, generator)
+        cached = None if args.cache is None else load_synthesis(args.cache, r, generator, key=key)
         if cached is None:
             cached = synthesize(
                 teachers,
@@ -216,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=torch.device("cpu"),
             )
             if args.cache is not None:
-                save_synthesis(cached, args.cache, r, generator)
+                save_synthesis(cached, args.cache, r, generator, key=key)
         syntheses.append(cached)
         print(f"synthesis round {r + 1}/{base.rounds}  {time.perf_counter() - t0:.0f}s", flush=True)
     print(f"synthesis: {base.rounds} rounds in {time.perf_counter() - t0:.0f}s", flush=True)

@@ -152,3 +152,11 @@ def test_fedisca_distill_sweep_reproduces_the_run_then_varies_it(capsys, tmp_pat
         assert bench.main([*args, *cache]) == 0
         again = [line for line in capsys.readouterr().out.splitlines() if "best epoch" in line]
         assert [r.rsplit(")", 1)[0] for r in again] == [r.rsplit(")", 1)[0] for r in rows]
+    # a cache made for other teachers or settings is refused, naming the file
+    import torch
+
+    gen = torch.Generator()
+    path = tmp_path / "syntheses" / "synthesis-000.safetensors"
+    with pytest.raises(SystemExit, match="synthesis-000.safetensors: synthesized for other"):
+        bench.load_synthesis(tmp_path / "syntheses", 0, gen, key="0" * 16)
+    assert path.is_file()  # refused, not overwritten

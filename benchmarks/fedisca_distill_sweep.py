@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -36,22 +35,27 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from one_shot_vs_fedavg import OperatingPoint, model_scorer, operating_point  # noqa: E402
+from one_shot_vs_fedavg import (  # noqa: E402
+    OperatingPoint,
+    load_teachers,
+    model_scorer,
+    module_scorer,
+    operating_point,
+    pooled_val,
+)
 
-from medfed.algorithms.base import load_params  # noqa: E402
-from medfed.algorithms.fedisca import Distiller, adapt_teachers, teacher_average  # noqa: E402
+from medfed.algorithms.fedisca import Distiller, adapt_teachers  # noqa: E402
 from medfed.algorithms.fedisca_synthesis import (  # noqa: E402
     FedISCAOptions,
     Snapshot,
     Synthesis,
     synthesize,
 )
-from medfed.build import build_model  # noqa: E402
-from medfed.checkpoint import load_params as load_checkpoint_params  # noqa: E402
-from medfed.config import ModelConfig, RunConfig, load_config  # noqa: E402
+from medfed.config import RunConfig, load_config  # noqa: E402
 from medfed.data.site import Federation  # noqa: E402
 from medfed.engine import load_federation  # noqa: E402
 from medfed.metrics.classification import roc_auc  # noqa: E402
+from medfed.one_shot import initial_student  # noqa: E402
 from medfed.seeding import torch_generator  # noqa: E402
 
 # What a variant may change: everything after the synthesis. Synthesis settings would need new
@@ -86,21 +90,6 @@ def parse_variants(specs: list[str]) -> list[tuple[str, str]]:
             )
         out += [(key, v) for v in values.split(",")]
     return out
-
-
-def teachers_of(cfg: RunConfig, fed: Federation, run_dir: Path) -> list[torch.nn.Module]:
-    """The uploaded site models, as the run's server loaded them."""
-    models = []
-    for site in fed.sites:
-        name = cfg.one_shot.teacher_models.get(site.name)
-        site_cfg = cfg if name is None else cfg.model_copy(update={"model": ModelConfig(name=name)})
-        model = build_model(site_cfg, fed)
-        path = run_dir / "sites" / site.name / "final.safetensors"
-        if not path.is_file():
-            raise SystemExit(f"{path}: no teacher for site {site.name!r} (is {run_dir} one-shot?)")
-        load_params(model, load_checkpoint_params(path), torch.device("cpu"))
-        models.append(model.eval())
-    return models
 
 
 def _synthesis_path(cache: Path, round_idx: int) -> Path:
@@ -159,11 +148,7 @@ def load_synthesis(
 
 
 def pooled_val_auc(cfg: RunConfig, fed: Federation, student: torch.nn.Module) -> float:
-    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    scores = model_scorer(cfg, fed, state)
-    vals = [s.val for s in fed.sites if len(s.val)]
-    y = np.concatenate([d.labels.numpy() for d in vals])
-    return roc_auc(y, np.concatenate([scores(d) for d in vals]))
+    return roc_auc(*pooled_val(fed, module_scorer(cfg, student)))
 
 
 def distil(
@@ -176,10 +161,8 @@ def distil(
     """A fresh student (the run's seeded initial weights, or the teachers' mean with
     ``student_init: average``) through every round's synthesis."""
     device = torch.device("cpu")
-    student = build_model(cfg, fed)
-    if options.student_init == "average":  # as medfed.one_shot does
-        weights = [float(len(site.train)) for site in fed.sites]
-        student.load_state_dict(teacher_average(teachers, weights))
+    one_shot = cfg.one_shot.model_copy(update={"fedisca": options})
+    student = initial_student(cfg.model_copy(update={"one_shot": one_shot}), fed, teachers)
     distiller = Distiller(
         student,
         options=options,
@@ -219,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         update: dict[str, Any] = {key: value}
         trials.append((f"{key}={value}", FedISCAOptions.model_validate(base.model_dump() | update)))
     fed, _ = load_federation(cfg.data)
-    teachers = teachers_of(cfg, fed, args.run)
+    teachers = load_teachers(cfg, fed, args.run)
     sample = fed.sites[0].train.images
     generator = torch_generator(cfg.seed, "fedisca")  # the run's server generator
     key = synthesis_key(cfg, args.run, fed)

@@ -39,11 +39,12 @@ from medfed.algorithms.base import load_params  # noqa: E402
 from medfed.build import build_model  # noqa: E402
 from medfed.checkpoint import load_params as load_checkpoint_params  # noqa: E402
 from medfed.client.train import predict_proba  # noqa: E402
-from medfed.config import ModelConfig, RunConfig, load_config  # noqa: E402
+from medfed.config import RunConfig, load_config  # noqa: E402
 from medfed.data.site import ArrayDataset, Federation  # noqa: E402
 from medfed.engine import load_federation, run  # noqa: E402
 from medfed.metrics.binary import Metric, threshold_metrics, youden_threshold  # noqa: E402
 from medfed.metrics.classification import roc_auc  # noqa: E402
+from medfed.one_shot import teacher_config  # noqa: E402
 from medfed.types import Paradigm, Params  # noqa: E402
 
 
@@ -58,14 +59,23 @@ class OperatingPoint:
     ext_acc_cut: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One run as its own ``summary.json`` scores it (threshold 0.5), plus its operating point."""
+
+    val_acc: float
+    val_auc: float
+    ext_acc: float
+    ext_auc: float
+    point: OperatingPoint
+
+
 Scorer = Callable[[ArrayDataset], np.ndarray]
 
 
-def model_scorer(cfg: RunConfig, fed: Federation, params: Params) -> Scorer:
-    """P(positive) of one model, on the CPU, with the run's normalisation."""
-    model = build_model(cfg, fed)
+def module_scorer(cfg: RunConfig, model: torch.nn.Module) -> Scorer:
+    """P(positive) of ``model``, on the CPU, with the run's normalisation."""
     device = torch.device("cpu")
-    load_params(model, params, device)
 
     def scores(data: ArrayDataset) -> np.ndarray:
         proba = predict_proba(
@@ -77,18 +87,32 @@ def model_scorer(cfg: RunConfig, fed: Federation, params: Params) -> Scorer:
     return scores
 
 
+def model_scorer(cfg: RunConfig, fed: Federation, params: Params) -> Scorer:
+    model = build_model(cfg, fed)
+    load_params(model, params, torch.device("cpu"))
+    return module_scorer(cfg, model)
+
+
+def load_teachers(cfg: RunConfig, fed: Federation, run_dir: Path) -> list[torch.nn.Module]:
+    """A one-shot run's uploaded site models, each in its own network, as its server loads them."""
+    models = []
+    for site in fed.sites:
+        path = run_dir / "sites" / site.name / "final.safetensors"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no teacher for site {site.name!r} (is {run_dir} one-shot?)")
+        model = build_model(teacher_config(cfg, site.name), fed)
+        load_params(model, load_checkpoint_params(path), torch.device("cpu"))
+        models.append(model.eval())
+    return models
+
+
 def ensemble_scorer(cfg: RunConfig, fed: Federation, run_dir: Path) -> Scorer:
     """The uploaded teachers' averaged probability: what distillation can at best copy.
 
     Serving this ensemble is itself a one-shot method (one upload per site, every site's model
     kept at the server), so its row is both the ceiling of the student and a baseline for it.
     """
-    members = []
-    for site in fed.sites:
-        name = cfg.one_shot.teacher_models.get(site.name)
-        site_cfg = cfg if name is None else cfg.model_copy(update={"model": ModelConfig(name=name)})
-        params = load_checkpoint_params(run_dir / "sites" / site.name / "final.safetensors")
-        members.append(model_scorer(site_cfg, fed, params))
+    members = [module_scorer(cfg, t) for t in load_teachers(cfg, fed, run_dir)]
 
     def scores(data: ArrayDataset) -> np.ndarray:
         return np.mean([m(data) for m in members], axis=0)
@@ -96,12 +120,17 @@ def ensemble_scorer(cfg: RunConfig, fed: Federation, run_dir: Path) -> Scorer:
     return scores
 
 
+def pooled_val(fed: Federation, scores: Scorer) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores of every site's internal validation split, pooled."""
+    vals = [s.val for s in fed.sites if len(s.val)]
+    y = np.concatenate([d.labels.numpy() for d in vals])
+    return y, np.concatenate([scores(d) for d in vals])
+
+
 def operating_point(fed: Federation, scores: Scorer) -> OperatingPoint:
     """Accuracy at 0.5 and AUC, and the accuracies at the Youden cut of pooled internal
     validation (the cut then applied unchanged to the external site)."""
-    vals = [s.val for s in fed.sites if len(s.val)]
-    y = np.concatenate([d.labels.numpy() for d in vals])
-    p = np.concatenate([scores(d) for d in vals])
+    y, p = pooled_val(fed, scores)
     cut = youden_threshold(y, p)
     point = OperatingPoint(
         cut=cut,
@@ -162,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "centralized": base.model_copy(update={"paradigm": Paradigm.CENTRALIZED}),
     }
-    rows = {}
+    rows: dict[str, Row] = {}
     ensemble: OperatingPoint | None = None
     for name, cfg in variants.items():
         cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the edited copy
@@ -175,18 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         wall = time.perf_counter() - t0
         op = operating_point(fed, model_scorer(cfg, fed, res.final_params))
-        rows[name] = (
-            s["val"].get("acc"),
-            s["val"].get("auc"),
-            ext.get("acc"),
-            ext.get("auc"),
-            transfers,
-            wall,
-            op.val_acc_cut,
-            op.ext_acc_cut,
+        rows[name] = row = Row(
+            val_acc=s["val"].get("acc"),
+            val_auc=s["val"].get("auc"),
+            ext_acc=ext.get("acc"),
+            ext_auc=ext.get("auc"),
+            point=op,
         )
         print(
-            f"{name:>12}: val acc {rows[name][0]:.3f} auc {rows[name][1]:.3f}  external acc {rows[name][2]:.3f} auc {rows[name][3]:.3f}  transfers/site {transfers}  {wall:.0f}s",
+            f"{name:>12}: val acc {row.val_acc:.3f} auc {row.val_auc:.3f}  external acc {row.ext_acc:.3f} auc {row.ext_auc:.3f}  transfers/site {transfers}  {wall:.0f}s",
             flush=True,
         )
         print_cut(op)
@@ -201,20 +227,23 @@ def main(argv: list[str] | None = None) -> int:
             print_cut(ens)
             ensemble = ens
     one, f1, fr = rows["one_shot"], rows["fedavg_1"], rows[f"fedavg_{rounds}"]
-    print(f"one-shot / FedAvg(1 round):  acc {one[0] / f1[0]:.3f}  auc {one[1] / f1[1]:.3f}")
     print(
-        f"one-shot / FedAvg({rounds} rounds): acc {one[0] / fr[0]:.3f}  auc {one[1] / fr[1]:.3f}  (target acc >= 0.90)"
+        f"one-shot / FedAvg(1 round):  acc {one.val_acc / f1.val_acc:.3f}  auc {one.val_auc / f1.val_auc:.3f}"
+    )
+    print(
+        f"one-shot / FedAvg({rounds} rounds): acc {one.val_acc / fr.val_acc:.3f}  auc {one.val_auc / fr.val_auc:.3f}  (target acc >= 0.90)"
     )
     print("at each model's internal Youden cut:")
-    for label, ref in (("1 round", f1), (f"{rounds} rounds", fr)):
-        ratio_ext = "n/a" if one[7] is None or not ref[7] else f"{one[7] / ref[7]:.3f}"
+    for label, ref in (("1 round", f1.point), (f"{rounds} rounds", fr.point)):
+        a, b = one.point.ext_acc_cut, ref.ext_acc_cut
+        ratio_ext = "n/a" if a is None or not b else f"{a / b:.3f}"
         print(
-            f"  one-shot / FedAvg({label}): val acc {one[6] / ref[6]:.3f}  external acc {ratio_ext}"
+            f"  one-shot / FedAvg({label}): val acc {one.point.val_acc_cut / ref.val_acc_cut:.3f}  external acc {ratio_ext}"
         )
     if ensemble is not None:
         print(
-            f"one-shot / teacher ensemble: val acc at the cut {one[6] / ensemble.val_acc_cut:.3f}  "
-            f"ensemble / FedAvg({rounds} rounds): val acc at the cut {ensemble.val_acc_cut / fr[6]:.3f}"
+            f"one-shot / teacher ensemble: val acc at the cut {one.point.val_acc_cut / ensemble.val_acc_cut:.3f}  "
+            f"ensemble / FedAvg({rounds} rounds): val acc at the cut {ensemble.val_acc_cut / fr.point.val_acc_cut:.3f}"
         )
     print(f"runs kept in {out}")
     return 0

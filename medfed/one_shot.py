@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from medfed.algorithms.base import load_params
 from medfed.algorithms.fedisca import one_shot, teacher_average, to_display
 from medfed.algorithms.fedisca_synthesis import Synthesis
 from medfed.audit.p2p import PeerLedger
+from medfed.build import build_model
 from medfed.checkpoint import save_params
 from medfed.client.train import resolve_device
 from medfed.config import ModelConfig, RunConfig, config_hash
@@ -48,11 +50,22 @@ if TYPE_CHECKING:
 SNAPSHOT_FIGURE = "one_shot_synthesis.png"
 
 
-def _teacher_config(config: RunConfig, site: str) -> RunConfig:
+def teacher_config(config: RunConfig, site: str) -> RunConfig:
+    """The run's config with ``site``'s own network (``one_shot.teacher_models``), if any."""
     name = config.one_shot.teacher_models.get(site)
     if name is None:
         return config
     return config.model_copy(update={"model": ModelConfig(name=name)})
+
+
+def initial_student(config: RunConfig, fed: Federation, teachers: Sequence[nn.Module]) -> nn.Module:
+    """The global model before distillation: the run's seeded initial weights, or with
+    ``student_init: average`` the teachers' mean weighted by each site's training examples."""
+    student = build_model(config, fed)
+    if config.one_shot.fedisca.student_init == "average":
+        weights = [float(len(site.train)) for site in fed.sites]
+        student.load_state_dict(teacher_average(teachers, weights))
+    return student
 
 
 def _grid(synthesis: Synthesis, *, rows: int = 6, per_class: int = 4) -> np.ndarray:
@@ -84,7 +97,6 @@ def run_one_shot(
         FederationError,
         _prepare_dir,
         _train_rounds,
-        build_model,
         run_scorer,
     )
     from medfed.engine import RunResult as Result
@@ -122,7 +134,7 @@ def run_one_shot(
     site_rows: dict[str, SiteRound] = {}
     upload = 0
     for site in fed.sites:
-        site_cfg = _teacher_config(config, site.name)
+        site_cfg = teacher_config(config, site.name)
         site_dir = out_dir / "sites" / site.name
         res = _train_rounds(
             site_cfg,
@@ -160,10 +172,7 @@ def run_one_shot(
     # --- the server: distill the teachers into one model ---
     t0 = time.perf_counter()
     reporter.start(f"{label} distillation", total=1)
-    student = build_model(config, fed).to(device)
-    if config.one_shot.fedisca.student_init == "average":
-        weights = [float(len(site.train)) for site in fed.sites]
-        student.load_state_dict(teacher_average(teachers, weights))
+    student = initial_student(config, fed, teachers).to(device)
     scorer = run_scorer(config, fed, device)
     evaluator = Evaluator(fed.sites, scorer=scorer)
     plain = create_algorithm(config, num_sites=len(fed.sites), name="fedavg", options={})
@@ -214,7 +223,7 @@ def run_one_shot(
         extra={
             "one_shot": {
                 "transfers_per_site": 1,
-                "teachers": {s.name: _teacher_config(config, s.name).model.name for s in fed.sites},
+                "teachers": {s.name: teacher_config(config, s.name).model.name for s in fed.sites},
                 "best_epoch": result.best_epoch,
                 "validation": list(result.validation),
                 "distill_loss": list(result.losses),

@@ -256,15 +256,14 @@ def teacher_average(
     well as the ensemble does (the sites trained from the same seeded weights), which the
     distillation then refines. Teachers of different architectures have no mean.
     """
-    states = [_cpu_state(t) for t in teachers]
-    if any(s.keys() != states[0].keys() for s in states) or any(
-        s[k].shape != states[0][k].shape for s in states for k in s
-    ):
+    try:
+        return weighted_mean([_cpu_state(t) for t in teachers], weights)
+    except ValueError as err:  # FedAvg's own structure check names the key or shape
         raise ValueError(
-            "student_init 'average' needs every teacher in one architecture; these differ "
-            "(heterogeneous teachers distil into a student started from scratch)"
-        )
-    return weighted_mean(states, weights)
+            f"the teachers cannot be averaged ({err}): student_init 'average' needs every "
+            "teacher in one architecture (heterogeneous teachers distil into a student started "
+            "from scratch)"
+        ) from None
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

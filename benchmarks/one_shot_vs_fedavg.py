@@ -10,9 +10,14 @@ site, as ``medfed study`` does. A distilled student's probabilities are softened
 temperature, so 0.5 can sit far from its best cut; the external figure at the internal threshold
 is the fair one (nothing about the external site is tuned).
 
-An extra row scores the teacher ensemble (the mean of the uploaded site models' probabilities):
-the most the student could copy from them, so it separates a distillation shortfall from teachers
-that are weak to begin with.
+Two extra rows score what the uploaded teachers give without distillation: their ensemble (the
+mean of their probabilities: the most the student could copy, so it separates a distillation
+shortfall from teachers that are weak to begin with) and their example-weighted average, which is
+1-round FedAvg with the teachers' whole local training in its one round (the "1 round" row runs
+the preset's per-round local epochs instead). Paired tests on the same images say whether a gap is
+more than chance: DeLong for AUC, exact McNemar for accuracy at each model's cut.
+
+``--reuse`` rescores the runs already in ``--out`` (same config hash) instead of training again.
 
     python benchmarks/one_shot_vs_fedavg.py                                # configs/one-shot-thyroid.yaml
     python benchmarks/one_shot_vs_fedavg.py --set data.ultrasound.scale=0.05 \\
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -35,15 +41,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scipy.stats import binomtest  # noqa: E402
+
 from medfed.algorithms.base import load_params  # noqa: E402
+from medfed.algorithms.fedisca import teacher_average  # noqa: E402
 from medfed.build import build_model  # noqa: E402
 from medfed.checkpoint import load_params as load_checkpoint_params  # noqa: E402
 from medfed.client.train import predict_proba  # noqa: E402
-from medfed.config import RunConfig, load_config  # noqa: E402
+from medfed.config import RunConfig, config_hash, load_config  # noqa: E402
 from medfed.data.site import ArrayDataset, Federation  # noqa: E402
 from medfed.engine import load_federation, run  # noqa: E402
 from medfed.metrics.binary import Metric, threshold_metrics, youden_threshold  # noqa: E402
 from medfed.metrics.classification import roc_auc  # noqa: E402
+from medfed.metrics.delong import delong_test  # noqa: E402
 from medfed.one_shot import teacher_config  # noqa: E402
 from medfed.types import Paradigm, Params  # noqa: E402
 
@@ -120,6 +130,35 @@ def ensemble_scorer(cfg: RunConfig, fed: Federation, run_dir: Path) -> Scorer:
     return scores
 
 
+def average_scorer(cfg: RunConfig, fed: Federation, run_dir: Path) -> Scorer:
+    """The teachers' weights averaged by training examples: 1-round FedAvg whose one round is
+    the teachers' whole local training (they start from the same seeded weights)."""
+    teachers = load_teachers(cfg, fed, run_dir)
+    model = build_model(cfg, fed)
+    model.load_state_dict(teacher_average(teachers, [float(len(s.train)) for s in fed.sites]))
+    return module_scorer(cfg, model.eval())
+
+
+def paired_tests(fed: Federation, a: Scorer, b: Scorer, cut_a: float, cut_b: float) -> str:
+    """DeLong on AUC (internal, external) and exact McNemar on internal accuracy at the cuts."""
+    y, pa = pooled_val(fed, a)
+    _, pb = pooled_val(fed, b)
+    val = delong_test(y, pa, pb)
+    right_a, right_b = (pa >= cut_a) == y.astype(bool), (pb >= cut_b) == y.astype(bool)
+    only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
+    mcnemar = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    text = (
+        f"val AUC {val.difference:+.3f} (DeLong p {val.p_value:.2g}); val acc at the cuts "
+        f"{(right_a.mean() - right_b.mean()):+.3f} (McNemar p {mcnemar:.2g}, {only_a} vs {only_b} "
+        "images right for one model only)"
+    )
+    if fed.external is not None and len(fed.external.val):
+        ext = fed.external.val
+        e = delong_test(ext.labels.numpy(), a(ext), b(ext))
+        text += f"; external AUC {e.difference:+.3f} (DeLong p {e.p_value:.2g})"
+    return text
+
+
 def pooled_val(fed: Federation, scores: Scorer) -> tuple[np.ndarray, np.ndarray]:
     """Labels and scores of every site's internal validation split, pooled."""
     vals = [s.val for s in fed.sites if len(s.val)]
@@ -158,6 +197,17 @@ def print_cut(op: OperatingPoint) -> None:
     )
 
 
+def finished(run_dir: Path, cfg: RunConfig) -> tuple[dict | None, Params | None]:
+    """A finished run's summary and final weights, if ``run_dir`` holds one of ``cfg``."""
+    summary, weights = run_dir / "summary.json", run_dir / "final.safetensors"
+    if not (summary.is_file() and weights.is_file()):
+        return None, None
+    s = json.loads(summary.read_text())
+    if s.get("config_hash") != config_hash(cfg):
+        raise SystemExit(f"{summary}: a run of another config; rerun without --reuse")
+    return s, load_checkpoint_params(weights)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="configs/one-shot-thyroid.yaml")
@@ -165,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
     ap.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="rescore finished runs in --out with the same config"
     )
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -192,18 +245,23 @@ def main(argv: list[str] | None = None) -> int:
         "centralized": base.model_copy(update={"paradigm": Paradigm.CENTRALIZED}),
     }
     rows: dict[str, Row] = {}
+    scorers: dict[str, Scorer] = {}
+    cuts_of: dict[str, float] = {}
     ensemble: OperatingPoint | None = None
     for name, cfg in variants.items():
         cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the edited copy
         t0 = time.perf_counter()
-        res = run(cfg, out_dir=out / name, federation=fed, progress=False)
-        s = res.summary
+        s, final = finished(out / name, cfg) if args.reuse else (None, None)
+        if s is None or final is None:
+            res = run(cfg, out_dir=out / name, federation=fed, progress=False)
+            s, final = res.summary, res.final_params
         ext = s.get("external") or {}
         transfers = (
             1 if name == "one_shot" else (2 * cfg.federation.rounds if name != "centralized" else 0)
         )
         wall = time.perf_counter() - t0
-        op = operating_point(fed, model_scorer(cfg, fed, res.final_params))
+        scorers[name] = model_scorer(cfg, fed, final)
+        op = operating_point(fed, scorers[name])
         rows[name] = row = Row(
             val_acc=s["val"].get("acc"),
             val_auc=s["val"].get("auc"),
@@ -226,6 +284,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print_cut(ens)
             ensemble = ens
+            scorers["average"] = average_scorer(cfg, fed, out / name)
+            avg = operating_point(fed, scorers["average"])
+            ext_auc = "n/a" if avg.ext_auc is None else f"{avg.ext_auc:.3f}"
+            print(
+                f"{'average':>12}: val acc {avg.val_acc:.3f} auc {avg.val_auc:.3f}  external auc {ext_auc}  (the teachers' weighted mean: FedAvg, 1 round of their {rounds} local epochs)",
+                flush=True,
+            )
+            print_cut(avg)
+            cuts_of["average"] = avg.cut
     one, f1, fr = rows["one_shot"], rows["fedavg_1"], rows[f"fedavg_{rounds}"]
     print(
         f"one-shot / FedAvg(1 round):  acc {one.val_acc / f1.val_acc:.3f}  auc {one.val_auc / f1.val_auc:.3f}"
@@ -245,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             f"one-shot / teacher ensemble: val acc at the cut {one.point.val_acc_cut / ensemble.val_acc_cut:.3f}  "
             f"ensemble / FedAvg({rounds} rounds): val acc at the cut {ensemble.val_acc_cut / fr.point.val_acc_cut:.3f}"
         )
+    cuts = {name: row.point.cut for name, row in rows.items()} | cuts_of
+    print("paired tests, one-shot minus:")
+    for other in ("fedavg_1", "average", f"fedavg_{rounds}"):
+        if other in scorers:
+            tests = paired_tests(
+                fed, scorers["one_shot"], scorers[other], cuts["one_shot"], cuts[other]
+            )
+            print(f"  {other:>10}: {tests}", flush=True)
     print(f"runs kept in {out}")
     return 0
 

@@ -100,7 +100,9 @@ def test_one_shot_vs_fedavg_smoke_scores_each_model_at_its_own_cut(capsys, tmp_p
     assert bench.main(args + [a for s in sets for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
     cuts = [line for line in out.splitlines() if "at the internal Youden cut" in line]
-    assert len(cuts) == 5  # one-shot, the teacher ensemble, FedAvg 1 and 2 rounds, centralized
+    assert (
+        len(cuts) == 6
+    )  # one-shot, teacher ensemble and average, FedAvg 1 and 2 rounds, centralized
     for line in cuts:
         val_acc = float(line.split("val acc ")[1].split()[0])
         assert 0.0 <= val_acc <= 1.0
@@ -111,6 +113,24 @@ def test_one_shot_vs_fedavg_smoke_scores_each_model_at_its_own_cut(capsys, tmp_p
     ens = next(line for line in out.splitlines() if line.strip().startswith("ensemble:"))
     assert 0.0 <= float(ens.split("auc ")[1].split()[0]) <= 1.0
     assert "one-shot / teacher ensemble: val acc at the cut" in out
+    avg = next(line for line in out.splitlines() if line.strip().startswith("average:"))
+    assert "1 round of their 2 local epochs" in avg
+    tests = out.split("paired tests, one-shot minus:")[1].splitlines()[1:4]
+    assert [t.split(":")[0].strip() for t in tests] == ["fedavg_1", "average", "fedavg_2"]
+    for line in tests:
+        p_values = [float(x.split(")")[0].split(",")[0]) for x in line.split(" p ")[1:]]
+        assert len(p_values) == 3 and all(0.0 <= p <= 1.0 for p in p_values)
+
+    # --reuse rescores the kept runs without training them again, to the same figures
+    weights = tmp_path / "runs" / "one_shot" / "final.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert bench.main(args + ["--reuse"] + [a for s in sets for a in ("--set", s)]) == 0
+    again = capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == stamp
+    assert again.split("paired tests")[1] == out.split("paired tests")[1]
+    with pytest.raises(SystemExit, match="another config"):
+        changed = [*sets, "train.lr=0.01"]
+        bench.main(args + ["--reuse"] + [a for s in changed for a in ("--set", s)])
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from medfed.algorithms import STRATEGIES
+from medfed.client.augment import Augment
 from medfed.config import (
     ConfigError,
     build_config,
@@ -40,7 +41,7 @@ def test_defaults_and_overrides_parse_yaml_scalars():
             "faults=[{site: a, kind: nan}]",
         ],
     )
-    assert c.federation.rounds == 3 and c.train.augment is False and c.train.lr == 1e-3
+    assert c.federation.rounds == 3 and c.train.augment is Augment.NONE and c.train.lr == 1e-3
     assert c.faults[0].site == "a"
 
 

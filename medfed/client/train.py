@@ -17,9 +17,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from medfed.client.augment import Augment, acquisition_shift
 from medfed.data.site import ArrayDataset
 from medfed.types import Task
 
@@ -57,7 +58,12 @@ class TrainOptions(BaseModel):
     )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    augment: bool = True
+    augment: Augment = Field(
+        Augment.FLIP,
+        description="none | flip | acquisition (flip plus redrawn scanner gain curve, contrast, "
+        "blur, resolution and framing: what other hospitals' images look like; "
+        "medfed.client.augment). true/false read as flip/none",
+    )
     normalize: Literal["per_image", "fixed"] = Field(
         "per_image",
         description="per_image: z-score each image (removes scanner gain/contrast at every site, "
@@ -66,6 +72,14 @@ class TrainOptions(BaseModel):
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
     channels_last: bool = Field(True, description="on CUDA only")
     eval_batch_size: int = Field(256, ge=1)
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _bool_augment(cls, value: object) -> object:
+        """Configs written before the policies said ``augment: true`` for the flip."""
+        if isinstance(value, bool):
+            return Augment.FLIP if value else Augment.NONE
+        return value
 
     def at_round(self, round_idx: int) -> TrainOptions:
         """The options round ``round_idx`` trains with (its decayed learning rate)."""
@@ -96,7 +110,11 @@ def to_input(
     ``per_image`` standardises each image by its own mean and std: hospitals' scanners differ in
     gain and contrast, and a per-image z-score removes that without any site sharing statistics.
     """
-    x = images.to(device, non_blocking=True).float().div_(255.0)
+    return normalize_unit(images.to(device, non_blocking=True).float().div_(255.0), normalize)
+
+
+def normalize_unit(x: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Float images in [0, 1] -> the network's input (in place where it can)."""
     if normalize == "per_image":
         dims = tuple(range(1, x.ndim))
         mean = x.mean(dim=dims, keepdim=True)
@@ -185,7 +203,7 @@ def shuffled_batches(
         order = torch.randperm(n, generator=generator).to(device, non_blocking=True)
         flips = (
             (torch.rand(n, generator=generator) < 0.5).to(device, non_blocking=True)
-            if opts.augment
+            if opts.augment is not Augment.NONE
             else None
         )
         in_pass = 0
@@ -252,12 +270,16 @@ def train_local(
     total_loss = torch.zeros((), device=device)
     seen = steps = 0
     for steps, (idx, flip) in enumerate(batches, start=1):  # noqa: B007
-        x = to_input(images[idx], device, normalize=opts.normalize)
+        x = images[idx].to(device, non_blocking=True).float().div_(255.0)
         y = labels[idx].long()
         if flip is not None:
             x = torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
             if y.ndim > 1:  # a mask flips with its image
                 y = torch.where(flip.view(-1, *([1] * (y.ndim - 1))), y.flip(-1), y)
+        if opts.augment is Augment.ACQUISITION:
+            x, moved = acquisition_shift(x, y if y.ndim > 1 else None, generator=generator)
+            y = y if moved is None else moved
+        x = normalize_unit(x, opts.normalize)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from medfed.client.augment import Augment
 from medfed.client.train import SampleDP, TrainOptions
 from medfed.privacy.transforms import noise_generator
 
@@ -80,7 +81,7 @@ class PrivateTraining:
                     continue  # probability (1-q)^n: skipped, still counted by the accountant
                 flips = (
                     (torch.rand(len(idx), generator=self._flip_gen) < 0.5).to(device)
-                    if self.opts.augment
+                    if self.opts.augment is not Augment.NONE
                     else None
                 )
                 yield idx.to(device), flips

@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from medfed.algorithms.base import Algorithm, LocalResult, LocalTask, NotVectorizable, VectorStep
+from medfed.client.augment import Augment
 from medfed.client.train import (
     Batches,
     TrainOptions,
@@ -106,6 +107,8 @@ def static_reason(
     reason = model_reason(model)
     if reason is not None:
         return reason
+    if opts.augment is Augment.ACQUISITION:
+        return "train.augment 'acquisition' transforms each site's batches in the sequential loop"
     try:
         step = vector_step_of(algorithm, opts)
     except NotVectorizable as err:
@@ -366,7 +369,7 @@ class VectorTrainer:
         offsets = [sum(sizes[:i]) for i in range(k_sites)]
         images = torch.cat([job.data.images for job in jobs]).to(device)
         labels = torch.cat([job.data.labels for job in jobs]).to(device)
-        layout = _layout(jobs, offsets, opts.augment)
+        layout = _layout(jobs, offsets, opts.augment is not Augment.NONE)
         index, weight = layout.index.to(device), layout.weight.to(device)
         flips = None if layout.flips is None else layout.flips.to(device)
         optimizer = FunctionalOptimizer.create(self.model, opts)

@@ -17,6 +17,7 @@ from medfed.algorithms.base import (
     NotVectorizable,
     read_params,
 )
+from medfed.client.augment import Augment
 from medfed.client.train import TrainOptions, make_optimizer
 from medfed.config import FaultConfig, FaultKind, VectorizeMode
 from medfed.data.site import ArrayDataset
@@ -400,6 +401,9 @@ def test_unsupported_setups_name_their_reason() -> None:
     )
     assert "dpsgd" in (static_reason(tiny, dpsgd, opts, task=Task.CLASSIFICATION, device=CPU) or "")
     assert static_reason(tiny, fedavg, opts, task=Task.CLASSIFICATION, device=CPU) is None
+    shifted = opts.model_copy(update={"augment": Augment.ACQUISITION})
+    reason = static_reason(tiny, fedavg, shifted, task=Task.CLASSIFICATION, device=CPU)
+    assert reason is not None and "acquisition" in reason
 
 
 def test_on_with_unsupported_model_is_a_clear_error() -> None:

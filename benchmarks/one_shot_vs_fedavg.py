@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scipy.stats import binomtest  # noqa: E402
 
 from medfed.algorithms.base import load_params  # noqa: E402
-from medfed.algorithms.fedisca import teacher_average  # noqa: E402
 from medfed.build import build_model  # noqa: E402
 from medfed.checkpoint import load_params as load_checkpoint_params  # noqa: E402
 from medfed.client.train import predict_proba  # noqa: E402
@@ -54,7 +53,7 @@ from medfed.engine import load_federation, run  # noqa: E402
 from medfed.metrics.binary import Metric, threshold_metrics, youden_threshold  # noqa: E402
 from medfed.metrics.classification import roc_auc  # noqa: E402
 from medfed.metrics.delong import delong_test  # noqa: E402
-from medfed.one_shot import teacher_config  # noqa: E402
+from medfed.one_shot import averaged_teachers, teacher_config  # noqa: E402
 from medfed.types import Paradigm, Params  # noqa: E402
 
 
@@ -116,27 +115,18 @@ def load_teachers(cfg: RunConfig, fed: Federation, run_dir: Path) -> list[torch.
     return models
 
 
-def ensemble_scorer(cfg: RunConfig, fed: Federation, run_dir: Path) -> Scorer:
+def ensemble_scorer(cfg: RunConfig, teachers: list[torch.nn.Module]) -> Scorer:
     """The uploaded teachers' averaged probability: what distillation can at best copy.
 
     Serving this ensemble is itself a one-shot method (one upload per site, every site's model
     kept at the server), so its row is both the ceiling of the student and a baseline for it.
     """
-    members = [module_scorer(cfg, t) for t in load_teachers(cfg, fed, run_dir)]
+    members = [module_scorer(cfg, t) for t in teachers]
 
     def scores(data: ArrayDataset) -> np.ndarray:
         return np.mean([m(data) for m in members], axis=0)
 
     return scores
-
-
-def average_scorer(cfg: RunConfig, fed: Federation, run_dir: Path) -> Scorer:
-    """The teachers' weights averaged by training examples: 1-round FedAvg whose one round is
-    the teachers' whole local training (they start from the same seeded weights)."""
-    teachers = load_teachers(cfg, fed, run_dir)
-    model = build_model(cfg, fed)
-    model.load_state_dict(teacher_average(teachers, [float(len(s.train)) for s in fed.sites]))
-    return module_scorer(cfg, model.eval())
 
 
 def paired_tests(fed: Federation, a: Scorer, b: Scorer, cut_a: float, cut_b: float) -> str:
@@ -246,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows: dict[str, Row] = {}
     scorers: dict[str, Scorer] = {}
-    cuts_of: dict[str, float] = {}
-    ensemble: OperatingPoint | None = None
+    points: dict[str, OperatingPoint] = {}  # every scored model, the teachers' rows included
     for name, cfg in variants.items():
         cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the edited copy
         t0 = time.perf_counter()
@@ -261,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         wall = time.perf_counter() - t0
         scorers[name] = model_scorer(cfg, fed, final)
-        op = operating_point(fed, scorers[name])
+        points[name] = op = operating_point(fed, scorers[name])
         rows[name] = row = Row(
             val_acc=s["val"].get("acc"),
             val_auc=s["val"].get("auc"),
@@ -275,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_cut(op)
         if name == "one_shot":
-            ens = operating_point(fed, ensemble_scorer(cfg, fed, out / name))
+            teachers = load_teachers(cfg, fed, out / name)
+            scorers["ensemble"] = ensemble_scorer(cfg, teachers)
+            points["ensemble"] = ens = operating_point(fed, scorers["ensemble"])
             ext_acc = "n/a" if ens.ext_acc is None else f"{ens.ext_acc:.3f}"
             ext_auc = "n/a" if ens.ext_auc is None else f"{ens.ext_auc:.3f}"
             print(
@@ -283,16 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             print_cut(ens)
-            ensemble = ens
-            scorers["average"] = average_scorer(cfg, fed, out / name)
-            avg = operating_point(fed, scorers["average"])
+            scorers["average"] = module_scorer(cfg, averaged_teachers(cfg, fed, teachers).eval())
+            points["average"] = avg = operating_point(fed, scorers["average"])
             ext_auc = "n/a" if avg.ext_auc is None else f"{avg.ext_auc:.3f}"
             print(
                 f"{'average':>12}: val acc {avg.val_acc:.3f} auc {avg.val_auc:.3f}  external auc {ext_auc}  (the teachers' weighted mean: FedAvg, 1 round of their {rounds} local epochs)",
                 flush=True,
             )
             print_cut(avg)
-            cuts_of["average"] = avg.cut
     one, f1, fr = rows["one_shot"], rows["fedavg_1"], rows[f"fedavg_{rounds}"]
     print(
         f"one-shot / FedAvg(1 round):  acc {one.val_acc / f1.val_acc:.3f}  auc {one.val_auc / f1.val_auc:.3f}"
@@ -307,18 +296,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  one-shot / FedAvg({label}): val acc {one.point.val_acc_cut / ref.val_acc_cut:.3f}  external acc {ratio_ext}"
         )
+    ensemble = points.get("ensemble")
     if ensemble is not None:
         print(
             f"one-shot / teacher ensemble: val acc at the cut {one.point.val_acc_cut / ensemble.val_acc_cut:.3f}  "
             f"ensemble / FedAvg({rounds} rounds): val acc at the cut {ensemble.val_acc_cut / fr.point.val_acc_cut:.3f}"
         )
-    cuts = {name: row.point.cut for name, row in rows.items()} | cuts_of
     print("paired tests, one-shot minus:")
     for other in ("fedavg_1", "average", f"fedavg_{rounds}"):
         if other in scorers:
-            tests = paired_tests(
-                fed, scorers["one_shot"], scorers[other], cuts["one_shot"], cuts[other]
-            )
+            cuts = points["one_shot"].cut, points[other].cut
+            tests = paired_tests(fed, scorers["one_shot"], scorers[other], *cuts)
             print(f"  {other:>10}: {tests}", flush=True)
     print(f"runs kept in {out}")
     return 0

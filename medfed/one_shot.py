@@ -58,14 +58,22 @@ def teacher_config(config: RunConfig, site: str) -> RunConfig:
     return config.model_copy(update={"model": ModelConfig(name=name)})
 
 
+def averaged_teachers(
+    config: RunConfig, fed: Federation, teachers: Sequence[nn.Module]
+) -> nn.Module:
+    """The teachers' mean weighted by each site's training examples: 1-round FedAvg whose one
+    round is the teachers' whole local training (they start from the same seeded weights)."""
+    model = build_model(config, fed)
+    model.load_state_dict(teacher_average(teachers, [float(len(site.train)) for site in fed.sites]))
+    return model
+
+
 def initial_student(config: RunConfig, fed: Federation, teachers: Sequence[nn.Module]) -> nn.Module:
     """The global model before distillation: the run's seeded initial weights, or with
-    ``student_init: average`` the teachers' mean weighted by each site's training examples."""
-    student = build_model(config, fed)
+    ``student_init: average`` the teachers' average (:func:`averaged_teachers`)."""
     if config.one_shot.fedisca.student_init == "average":
-        weights = [float(len(site.train)) for site in fed.sites]
-        student.load_state_dict(teacher_average(teachers, weights))
-    return student
+        return averaged_teachers(config, fed, teachers)
+    return build_model(config, fed)
 
 
 def _grid(synthesis: Synthesis, *, rows: int = 6, per_class: int = 4) -> np.ndarray:

@@ -96,6 +96,9 @@ def acquisition_shift(
     def per_image(values: torch.Tensor) -> torch.Tensor:
         return values.to(device=dev, dtype=dt).view(b, 1, 1, 1)
 
+    def chosen(on: torch.Tensor) -> torch.Tensor:
+        return on.to(dev).view(b, 1, 1, 1)
+
     gamma = per_image(torch.exp(_uniform(b, -shift.log_gamma, shift.log_gamma, generator)))
     contrast = per_image(torch.exp(_uniform(b, -shift.log_contrast, shift.log_contrast, generator)))
     bright = per_image(_uniform(b, -shift.brightness, shift.brightness, generator))
@@ -114,10 +117,10 @@ def acquisition_shift(
         size = (max(4, round(h * factor)), max(4, round(w * factor)))
         low = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         back = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
-        x = torch.where(per_image(resample_on.float()) > 0, back, x)
+        x = torch.where(chosen(resample_on), back, x)
     if bool(blur_on.any()):
         blurred = _blur(x, torch.where(blur_on, sigma, torch.full_like(sigma, 1e-3)).to(dev, dt))
-        x = torch.where(per_image(blur_on.float()) > 0, blurred, x)
+        x = torch.where(chosen(blur_on), blurred, x)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = zoom
     theta[:, 1, 1] = zoom

@@ -110,7 +110,12 @@ def to_input(
     ``per_image`` standardises each image by its own mean and std: hospitals' scanners differ in
     gain and contrast, and a per-image z-score removes that without any site sharing statistics.
     """
-    return normalize_unit(images.to(device, non_blocking=True).float().div_(255.0), normalize)
+    return normalize_unit(to_unit(images, device), normalize)
+
+
+def to_unit(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] on ``device``, where augmentation works on them."""
+    return images.to(device, non_blocking=True).float().div_(255.0)
 
 
 def normalize_unit(x: torch.Tensor, normalize: str) -> torch.Tensor:
@@ -270,7 +275,7 @@ def train_local(
     total_loss = torch.zeros((), device=device)
     seen = steps = 0
     for steps, (idx, flip) in enumerate(batches, start=1):  # noqa: B007
-        x = images[idx].to(device, non_blocking=True).float().div_(255.0)
+        x = to_unit(images[idx], device)
         y = labels[idx].long()
         if flip is not None:
             x = torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
